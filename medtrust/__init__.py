@@ -1,0 +1,1 @@
+"""medtrust: trustworthy medical-imaging AI experiments."""

@@ -1,0 +1,1 @@
+"""Callbacks that compute trust measurements during validation."""

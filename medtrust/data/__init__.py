@@ -1,0 +1,1 @@
+"""Data: sources (records), phantoms, splits, transforms and the datamodule."""

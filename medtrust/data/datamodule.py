@@ -1,0 +1,254 @@
+"""One LightningDataModule for every 2-D image source.
+
+It asks its *source* for records, splits them (official or patient-level), loads each split once
+into memory at the working resolution (uint8, validated: missing/corrupt files, masks of the wrong
+size), and serves batches that follow the batch contract of ``DESIGN.md``: ``image``, ``mask``,
+``label``, ``patient_id``, ``attrs``, ``path``, ``index``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from monai.data import DataLoader
+from torch.utils.data import Dataset
+
+from medtrust.data.records import SPLITS, DataError, Record, load_record
+from medtrust.data.splits import check_fractions, make_splits, write_splits
+from medtrust.data.transforms import build_transforms, denormalize
+from medtrust.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class CachedImageDataset(Dataset):
+    """Samples held in memory as uint8; the transform runs per item.
+
+    Args:
+        images: uint8 tensors C×H×W.
+        masks: uint8 tensors 1×H×W or ``None`` entries.
+        records: the records (metadata) in the same order.
+        transform: callable on ``{"image", "mask"}`` dicts (floats in [0, 1]).
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None],
+                 records: Sequence[Record], transform: Any) -> None:
+        self.images, self.masks, self.records, self.transform = images, masks, records, transform
+        self.attr_keys = sorted({k for r in records for k in r.get("attrs", {})})
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        d: dict[str, Any] = {"image": self.images[i].float().div_(255)}
+        if self.masks[i] is not None:
+            d["mask"] = self.masks[i].float()
+        d = self.transform(d)
+        r = self.records[i]
+        d["index"] = i
+        d["patient_id"] = str(r["patient_id"])
+        d["path"] = str(r.get("path") or r["id"])
+        if r.get("label") is not None:
+            d["label"] = int(r["label"])
+        if self.attr_keys:
+            d["attrs"] = {k: str(r.get("attrs", {}).get(k, "unknown")) for k in self.attr_keys}
+        return d
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Datamodule over any record source.
+
+    Args:
+        source: object with ``records()`` and ``describe()`` (a phantom, CSV, ISIC or folder source).
+        image_size: working (H, W), or one int for square images.
+        channels: 1 (grayscale) or 3 (RGB).
+        require_mask: every sample must have a mask (segmentation).
+        splits: ``{"use_source": bool, "fractions": {...}, "seed": int}``.
+        augment: ``{name: {"enabled", "prob", bounds...}}`` for the training split.
+        normalize: ``{"mean": [...], "std": [...]}`` or ``None``.
+        batch_size: training batch size.
+        eval_batch_size: batch size for val/test/predict.
+        num_workers: DataLoader workers (0 = main process).
+        on_bad: ``"error"`` stops at the first bad sample; ``"skip"`` drops it and reports the count.
+        load_threads: threads used to read and resize files once at setup.
+        seed: random state of the augmentation pipeline.
+        manifest, root: where the data lives (shared with the source by interpolation; recorded
+            in the run's data summary).
+        name: short data-set name for reports.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        image_size: int | Sequence[int] = 64,
+        channels: int = 3,
+        require_mask: bool = True,
+        splits: Mapping[str, Any] | None = None,
+        augment: Mapping[str, Any] | None = None,
+        normalize: Mapping[str, Sequence[float]] | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        on_bad: str = "error",
+        load_threads: int = 2,
+        seed: int = 0,
+        drop_last: bool = False,
+        manifest: str | None = None,
+        root: str | None = None,
+        name: str = "data",
+    ) -> None:
+        super().__init__()
+        size = [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
+        if len(size) != 2 or min(size) < 8:
+            raise ValueError(f"data.image_size must be an int or [H, W] with sides >= 8, got {image_size}")
+        if on_bad not in ("error", "skip"):
+            raise ValueError(f"data.on_bad must be 'error' or 'skip', got {on_bad!r}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.source = source
+        self.image_size = size
+        self.channels = int(channels)
+        self.require_mask = bool(require_mask)
+        sp = dict(splits or {})
+        self.split_cfg = {"use_source": bool(sp.get("use_source", True)),
+                          "fractions": check_fractions(sp.get("fractions", {"train": 0.7, "val": 0.15, "test": 0.15})),
+                          "seed": int(sp.get("seed", 0))}
+        self.augment = {k: dict(v) for k, v in (augment or {}).items()}
+        self.normalize = ({"mean": list(normalize["mean"]), "std": list(normalize["std"])} if normalize else None)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.on_bad = on_bad
+        self.load_threads = max(1, int(load_threads))
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.location = manifest or root
+        self.name = name
+        # Build once to fail fast on bad augmentation/normalisation keys.
+        self._train_tf = build_transforms(self.augment, self.channels, self.normalize, train=True,
+                                          with_mask=self.require_mask, seed=self.seed)
+        self._eval_tf = build_transforms(None, self.channels, self.normalize, train=False, with_mask=self.require_mask)
+        self._split_records: dict[str, list[Record]] | None = None
+        self._split_how = ""
+        self._cache: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None], list[Record]]] = {}
+        self.skipped: list[dict[str, str]] = []
+
+    # -- records and splits -------------------------------------------------------------
+    @property
+    def split_records(self) -> dict[str, list[Record]]:
+        if self._split_records is None:
+            records = self.source.records()
+            if not records:
+                raise DataError(f"{self.source.describe()}: the source yielded no records")
+            self._split_records, self._split_how = make_splits(
+                records, self.split_cfg["fractions"], self.split_cfg["seed"], self.split_cfg["use_source"])
+        return self._split_records
+
+    def write_splits(self, out_dir: str | Path) -> str:
+        """Write the split assignment (CSV + JSON with its sha256) into ``out_dir``."""
+        info = {"source": self.source.describe(), "method": self._split_how or "unknown", **self.split_cfg}
+        _ = self.split_records
+        info["method"] = self._split_how
+        digest = write_splits(self.split_records, out_dir, info)
+        if self.skipped:
+            import pandas as pd
+
+            pd.DataFrame(self.skipped).to_csv(Path(out_dir) / "skipped.csv", index=False)
+        return digest
+
+    # -- loading ------------------------------------------------------------------------
+    def _load_one(self, rec: Record) -> tuple[np.ndarray, np.ndarray | None] | DataError:
+        try:
+            return load_record(rec, self.image_size, self.channels, self.require_mask)
+        except DataError as err:
+            where = rec.get("where")
+            msg = str(err) if not where or str(err).startswith(where) else f"{where}: {err}"
+            return DataError(msg)
+
+    def load_split(self, split: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[Record]]:
+        """Read, validate and cache one split; raise or skip bad samples per ``on_bad``.
+
+        Raises:
+            DataError: a bad sample (under ``on_bad=error``) or an empty split.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split in self._cache:
+            return self._cache[split]
+        recs = self.split_records[split]
+        if not recs:
+            counts = {s: len(r) for s, r in self.split_records.items()}
+            raise DataError(f"{self.source.describe()}: split {split!r} is empty (split sizes {counts}); "
+                            "the data or data.splits.fractions must give it at least one image")
+        with ThreadPoolExecutor(self.load_threads) as pool:
+            results = list(pool.map(self._load_one, recs))
+        images, masks, kept = [], [], []
+        for rec, res in zip(recs, results):
+            if isinstance(res, DataError):
+                if self.on_bad == "error":
+                    raise DataError(f"{res} (set data.on_bad=skip to skip bad samples and report them)")
+                self.skipped.append({"split": split, "id": rec["id"], "reason": str(res)})
+                continue
+            images.append(torch.from_numpy(res[0]))
+            masks.append(torch.from_numpy(res[1]) if res[1] is not None else None)
+            kept.append(rec)
+        n_bad = len(recs) - len(kept)
+        if n_bad:
+            log.warning(f"data.on_bad=skip: skipped {n_bad} bad sample(s) in split {split!r} (see splits/skipped.csv)")
+        if not kept:
+            raise DataError(f"split {split!r}: all {len(recs)} samples were bad and skipped")
+        self._cache[split] = (images, masks, kept)
+        return self._cache[split]
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.split_records.get(split))
+
+    def dataset(self, split: str, augment: bool = False) -> CachedImageDataset:
+        images, masks, recs = self.load_split(split)
+        return CachedImageDataset(images, masks, recs, self._train_tf if augment else self._eval_tf)
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
+        for split in needed:
+            self.load_split(split)
+
+    # -- loaders ------------------------------------------------------------------------
+    def dataloader(self, split: str, train: bool = False) -> DataLoader:
+        """Loader for ``split``; ``train`` enables shuffling and augmentation."""
+        ds = self.dataset(split, augment=train)
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            drop_last=train and self.drop_last and len(ds) > self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, generator=gen,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    # -- helpers for reports --------------------------------------------------------------
+    def raw_image(self, split: str, index: int) -> np.ndarray:
+        """Un-normalised image ``index`` of ``split`` as float H×W×C in [0, 1] (for figures)."""
+        img = self.load_split(split)[0][index].float() / 255
+        return img.permute(1, 2, 0).numpy()
+
+    def to_display(self, image: torch.Tensor) -> torch.Tensor:
+        """Undo normalisation of a batch image tensor (for figures)."""
+        return denormalize(image, self.normalize)
+
+    def summary(self) -> dict[str, Any]:
+        counts = {s: len(r) for s, r in self.split_records.items()}
+        return {"name": self.name, "source": self.source.describe(), "location": self.location,
+                "image_size": self.image_size, "channels": self.channels, "split_method": self._split_how,
+                "split_counts": counts, "skipped": len(self.skipped)}

@@ -1,0 +1,150 @@
+"""Records and their loading.
+
+A *record* is a plain dict describing one sample: ``id``, ``path``, ``mask_path`` (or ``None``),
+``label`` (int or ``None``), ``patient_id``, ``split`` (``train``/``val``/``test`` or ``None``) and
+``attrs`` (dict of str). In-memory sources (the phantoms) also carry ``image`` (uint8 H×W×C) and
+``mask`` (uint8 H×W) arrays. Sources produce records; :func:`load_record` turns one into arrays at
+the working resolution and raises :class:`DataError` naming the file and what was expected.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+Record = dict[str, Any]
+
+SPLIT_ALIASES = {
+    "train": "train", "training": "train", "tr": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test", "holdout": "test",
+}
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, row or key and what was expected."""
+
+
+def normalise_split(value: Any, where: str) -> str:
+    """Map a split spelling (``Training``, ``valid``, …) to ``train``/``val``/``test``.
+
+    Raises:
+        DataError: if ``value`` is empty or not a known spelling; ``where`` names the row.
+    """
+    text = "" if value is None else str(value).strip().lower()
+    if text in ("", "nan", "none"):
+        raise DataError(f"{where}: empty split value; expected one of train/val/test")
+    if text not in SPLIT_ALIASES:
+        raise DataError(
+            f"{where}: unknown split {value!r}; expected one of {sorted(set(SPLIT_ALIASES))}"
+        )
+    return SPLIT_ALIASES[text]
+
+
+def _open(path: Path, mode: str, what: str) -> Image.Image:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode fully so truncated/corrupt files fail here, not mid-training
+            return im.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{what} is unreadable or corrupt: {path} ({err})") from err
+
+
+def read_image(path: str | Path, channels: int) -> np.ndarray:
+    """Read an image file as uint8 H×W×C (``channels`` 1 = grayscale, 3 = RGB).
+
+    Raises:
+        DataError: missing, unreadable or corrupt file.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    im = _open(Path(path), "RGB" if channels == 3 else "L", "image")
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def binarise_mask(arr: np.ndarray) -> np.ndarray:
+    """Binarise a mask array: values > 127 for 8-bit masks (0/255), > 0 for 0/1 masks."""
+    thr = 127 if arr.max(initial=0) > 1 else 0
+    return (arr > thr).astype(np.uint8)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a binary mask file as uint8 H×W in {0, 1}.
+
+    Raises:
+        DataError: missing, unreadable or corrupt file.
+    """
+    im = _open(Path(path), "L", "mask")
+    return binarise_mask(np.asarray(im, dtype=np.uint8))
+
+
+def resize_image(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize uint8 H×W×C to ``size`` = (H, W) with antialiased bilinear interpolation."""
+    h, w = int(size[0]), int(size[1])
+    if arr.shape[:2] == (h, w):
+        return arr
+    chans = [np.asarray(Image.fromarray(arr[..., c]).resize((w, h), Image.BILINEAR)) for c in range(arr.shape[2])]
+    return np.stack(chans, axis=-1)
+
+
+def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize a {0,1} mask to (H, W): bilinear on 0/255 then threshold at half, which keeps
+    boundaries smoother than nearest-neighbour when downsampling."""
+    h, w = int(size[0]), int(size[1])
+    if mask.shape[:2] == (h, w):
+        return mask.astype(np.uint8)
+    im = Image.fromarray((mask * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+    return (np.asarray(im) >= 128).astype(np.uint8)
+
+
+def load_record(
+    record: Record, image_size: Sequence[int], channels: int, require_mask: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Load one record at the working resolution.
+
+    Args:
+        record: a record dict (file paths or in-memory ``image``/``mask`` arrays).
+        image_size: (H, W) of the working resolution.
+        channels: 1 or 3.
+        require_mask: raise if the record has no mask.
+
+    Returns:
+        ``(image, mask)``: uint8 C×H×W and uint8 1×H×W in {0,1} (``mask`` is ``None`` when absent).
+
+    Raises:
+        DataError: missing/corrupt file, missing mask, or image/mask size mismatch.
+    """
+    if record.get("error"):
+        raise DataError(record["error"])
+    if "image" in record:
+        img = np.asarray(record["image"], dtype=np.uint8)
+        img = img[..., None] if img.ndim == 2 else img
+        mask = record.get("mask")
+        where = record.get("path", record.get("id", "?"))
+    else:
+        img = read_image(record["path"], channels)
+        mask_path = record.get("mask_path")
+        mask = read_mask(mask_path) if mask_path else None
+        where = record["path"]
+    if img.shape[2] != channels:
+        raise DataError(f"{where}: image has {img.shape[2]} channels, expected {channels}")
+    if mask is None:
+        if require_mask:
+            raise DataError(f"{where}: image has no mask (mask_path is empty) but the task needs masks")
+    else:
+        mask = np.asarray(mask, dtype=np.uint8)
+        if mask.shape[:2] != img.shape[:2]:
+            raise DataError(
+                f"{record.get('mask_path', where)}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) differs "
+                f"from its image {where} size {img.shape[1]}x{img.shape[0]}; expected the same size"
+            )
+        mask = resize_mask(binarise_mask(mask), image_size)[None]
+    img = resize_image(img, image_size).transpose(2, 0, 1).copy()
+    return img, mask

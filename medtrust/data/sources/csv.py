@@ -1,0 +1,110 @@
+"""CSV manifest source: one row per image, paths relative to the CSV's folder."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from medtrust.data.records import DataError, Record, normalise_split
+
+
+class CsvSource:
+    """Records from a CSV manifest (e.g. ``../shared/data/ph2_skin_lesion_seg/manifest.csv``).
+
+    Columns: ``path`` (required), ``mask_path``, ``label``, ``patient_id``, ``split`` and any
+    attribute columns you list. Relative paths are resolved against the CSV's folder. Labels that
+    are not integers are mapped to indices in sorted order (or the order of ``classes``).
+
+    Args:
+        manifest: path of the CSV file.
+        path_column, mask_column, label_column, patient_column, split_column: column names;
+            ``mask_column``/``label_column``/``patient_column``/``split_column`` may be ``None``
+            or absent from the file.
+        attr_columns: columns copied into ``attrs`` (missing values become ``"unknown"``).
+        classes: explicit class order for string labels.
+
+    A row whose image or mask file does not exist becomes a record with an ``error`` message
+    (naming the row); the datamodule raises it, or skips it under ``data.on_bad=skip``.
+
+    Raises:
+        DataError: missing manifest, missing required column, empty path cell or bad split value.
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        path_column: str = "path",
+        mask_column: str | None = "mask_path",
+        label_column: str | None = "label",
+        patient_column: str | None = "patient_id",
+        split_column: str | None = "split",
+        attr_columns: Sequence[str] | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        self.manifest = Path(str(manifest)).expanduser()
+        self.cols = dict(path=path_column, mask=mask_column, label=label_column,
+                         patient=patient_column, split=split_column)
+        self.attr_columns = list(attr_columns or [])
+        self.classes = list(classes) if classes else None
+
+    def describe(self) -> str:
+        return f"csv({self.manifest})"
+
+    def _check_columns(self, df: pd.DataFrame) -> None:
+        missing = [c for c in [self.cols["path"], *self.attr_columns] if c not in df.columns]
+        if missing:
+            raise DataError(
+                f"{self.manifest}: missing column(s) {missing}; found {list(df.columns)} "
+                f"(set data.source.path_column / attr_columns to match)"
+            )
+
+    def records(self) -> list[Record]:
+        if not self.manifest.is_file():
+            raise DataError(f"manifest not found: {self.manifest} (set data.manifest=<path to CSV>)")
+        try:
+            df = pd.read_csv(self.manifest, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise DataError(f"{self.manifest}: not a readable CSV ({err})") from err
+        self._check_columns(df)
+        base = self.manifest.parent
+        has = {k: (c is not None and c in df.columns) for k, c in self.cols.items()}
+        labels = self._label_map(df) if has["label"] else None
+        out: list[Record] = []
+        for i, row in enumerate(df.to_dict("records")):
+            where = f"{self.manifest} row {i + 2}"  # +1 header, +1 one-based line numbers
+            rel = row[self.cols["path"]].strip()
+            if not rel:
+                raise DataError(f"{where}: empty '{self.cols['path']}' cell; expected an image path")
+            path = (base / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
+            error = None if path.exists() else f"{where}: image file not found: {path}"
+            mask_path = None
+            if has["mask"] and row[self.cols["mask"]].strip():
+                mask_path = (base / row[self.cols["mask"]].strip()).resolve()
+                if error is None and not mask_path.exists():
+                    error = f"{where}: mask file not found: {mask_path} (image {path})"
+            label = None
+            if labels is not None and row[self.cols["label"]].strip():
+                label = labels[row[self.cols["label"]].strip()]
+            split = normalise_split(row[self.cols["split"]], where) if has["split"] else None
+            pid = row[self.cols["patient"]].strip() if has["patient"] else ""
+            out.append({
+                "id": path.stem, "path": str(path), "mask_path": str(mask_path) if mask_path else None,
+                "label": label, "patient_id": pid or path.stem, "split": split,
+                "attrs": {c: (row[c].strip() or "unknown") for c in self.attr_columns},
+                "where": where, **({"error": error} if error else {}),
+            })
+        if not out:
+            raise DataError(f"{self.manifest}: the manifest has no rows")
+        return out
+
+    def _label_map(self, df: pd.DataFrame) -> dict[str, int]:
+        values = sorted({v.strip() for v in df[self.cols["label"]] if v.strip()})
+        if self.classes:
+            unknown = [v for v in values if v not in self.classes]
+            if unknown:
+                raise DataError(f"{self.manifest}: labels {unknown} are not in data.source.classes {self.classes}")
+            return {c: i for i, c in enumerate(self.classes)}
+        if all(v.lstrip("-").isdigit() for v in values):
+            return {v: int(v) for v in values}
+        return {v: i for i, v in enumerate(values)}

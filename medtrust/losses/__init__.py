@@ -1,0 +1,1 @@
+"""Losses that MONAI / torch do not already provide."""

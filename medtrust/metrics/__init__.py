@@ -1,0 +1,1 @@
+"""Trust measurements as pure tensor functions plus thin torchmetrics accumulators."""

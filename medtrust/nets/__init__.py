@@ -1,0 +1,1 @@
+"""Networks: plain nn.Modules (or factories returning library modules)."""

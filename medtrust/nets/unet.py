@@ -1,0 +1,90 @@
+"""Attention U-Net (Oktay et al., 2018) from MONAI, with input-size and normalisation checks."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch.nn as nn
+from monai.networks.nets import AttentionUnet
+
+NORMS = ("batch", "instance", "group", "layer")
+
+
+def _make_norm(kind: str, channels: int, groups: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(groups, channels), channels)
+    if kind == "layer":  # layer norm over (C, H, W) of each sample, as GlassBox uses
+        return nn.GroupNorm(1, channels)
+    raise ValueError(kind)
+
+
+def replace_batchnorm(module: nn.Module, kind: str, groups: int = 8) -> int:
+    """Swap every ``BatchNorm2d`` in ``module`` for the ``kind`` normalisation, in place.
+
+    Returns:
+        How many layers were replaced.
+    """
+    n = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, _make_norm(kind, child.num_features, groups))
+            n += 1
+        else:
+            n += replace_batchnorm(child, kind, groups)
+    return n
+
+
+def attention_unet(
+    in_channels: int = 3,
+    out_channels: int = 1,
+    channels: Sequence[int] = (16, 32, 64, 128),
+    strides: Sequence[int] = (2, 2, 2),
+    dropout: float = 0.1,
+    norm: str = "batch",
+    norm_groups: int = 8,
+    kernel_size: int = 3,
+    up_kernel_size: int = 3,
+    input_size: int | Sequence[int] | None = None,
+) -> AttentionUnet:
+    """Build MONAI's 2-D ``AttentionUnet`` after checking the configuration.
+
+    Args:
+        in_channels: image channels.
+        out_channels: output channels (1 = binary logits).
+        channels: feature channels per level.
+        strides: down-sampling stride between levels (``len(channels) - 1`` values).
+        dropout: dropout in every convolution block.
+        norm: ``batch`` (MONAI's default), ``instance``, ``group`` or ``layer``.
+        norm_groups: groups for ``norm=group``.
+        kernel_size, up_kernel_size: convolution kernel sizes.
+        input_size: (H, W) the model will see; each side must be divisible by ``prod(strides)``.
+
+    Returns:
+        The network; it maps B×C×H×W to B×out×H×W logits.
+
+    Raises:
+        ValueError: strides/channels mismatch, bad norm, or an input size the strides cannot divide.
+    """
+    channels, strides = [int(c) for c in channels], [int(s) for s in strides]
+    if len(strides) != len(channels) - 1:
+        raise ValueError(f"model.net.strides needs len(channels)-1 = {len(channels) - 1} values, got {strides}")
+    if norm not in NORMS:
+        raise ValueError(f"model.net.norm must be one of {NORMS}, got {norm!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"model.net.dropout must be in [0, 1), got {dropout}")
+    divisor = math.prod(strides)
+    if input_size is not None:
+        size = [int(input_size)] * 2 if isinstance(input_size, int) else [int(s) for s in input_size]
+        bad = [s for s in size if s % divisor]
+        if bad:
+            raise ValueError(
+                f"input size {size} cannot be divided by the strides {strides}: every side must be a multiple "
+                f"of {divisor} (= product of model.net.strides); change data.image_size or the strides"
+            )
+    net = AttentionUnet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
+                        strides=strides, kernel_size=kernel_size, up_kernel_size=up_kernel_size, dropout=dropout)
+    if norm != "batch":
+        replace_batchnorm(net, norm, norm_groups)
+    return net

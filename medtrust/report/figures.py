@@ -1,0 +1,169 @@
+"""Figures for run folders (matplotlib, Agg backend; every function writes one PNG and returns its path)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+GT_COLOUR, PRED_COLOUR = "#00e000", "#ff2a6d"
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _show(ax: plt.Axes, image: np.ndarray) -> None:
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
+              vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def overlay_axes(ax: plt.Axes, image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray | None,
+                 title: str = "", fill: bool = True) -> None:
+    """Draw ``image`` with the ground-truth contour (green) and the prediction (magenta, dimmed fill)."""
+    _show(ax, image)
+    if pred is not None and fill:
+        ax.imshow(np.ma.masked_where(pred < 0.5, pred), cmap="spring", alpha=0.3, vmin=0, vmax=1)
+    if gt is not None and gt.any():
+        ax.contour(gt, levels=[0.5], colors=GT_COLOUR, linewidths=1.2)
+    if pred is not None and pred.any():
+        ax.contour(pred, levels=[0.5], colors=PRED_COLOUR, linewidths=1.2)
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def plot_overlay_grid(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], preds: Sequence[np.ndarray],
+                      titles: Sequence[str], path: str | Path, suptitle: str = "") -> Path:
+    """Rows of (image, ground truth, prediction, overlay) for each sample."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
+    for i in range(n):
+        _show(axes[i, 0], images[i])
+        axes[i, 0].set_title(titles[i], fontsize=7)
+        axes[i, 1].imshow(gts[i], cmap="gray", vmin=0, vmax=1)
+        axes[i, 1].set_title("ground truth", fontsize=7)
+        axes[i, 2].imshow(preds[i], cmap="gray", vmin=0, vmax=1)
+        axes[i, 2].set_title("prediction", fontsize=7)
+        overlay_axes(axes[i, 3], images[i], gts[i], preds[i], "overlay (green GT, pink pred)")
+        for ax in axes[i, 1:3]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_batch(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], preds: Sequence[np.ndarray],
+               titles: Sequence[str], path: str | Path, suptitle: str) -> Path:
+    """One row of overlays (GlassBox batch view)."""
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(2.0 * n, 2.4), squeeze=False)
+    for i in range(n):
+        overlay_axes(axes[0, i], images[i], gts[i], preds[i], titles[i])
+    fig.suptitle(suptitle, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_confusion(counts: Mapping[str, float], path: str | Path, title: str = "pixel confusion matrix") -> Path:
+    """2×2 pixel confusion matrix as fractions of all pixels (with counts)."""
+    tp, fp, tn, fn = (float(counts[k]) for k in ("tp", "fp", "tn", "fn"))
+    total = max(tp + fp + tn + fn, 1.0)
+    mat = np.array([[tn, fp], [fn, tp]])
+    fig, ax = plt.subplots(figsize=(3.4, 3.0))
+    ax.imshow(mat / total, cmap="Blues", vmin=0, vmax=1)
+    for (r, c), v in np.ndenumerate(mat):
+        ax.text(c, r, f"{v / total:.2%}\n({int(v):,})", ha="center", va="center", fontsize=8,
+                color="white" if v / total > 0.5 else "black")
+    ax.set_xticks([0, 1], ["pred 0", "pred 1"])
+    ax.set_yticks([0, 1], ["true 0", "true 1"])
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_threshold_sweep(rows: Sequence[Mapping[str, float]], path: str | Path, chosen: float) -> Path:
+    """Dice, precision, recall and FP/FN pixel rates against the probability threshold."""
+    thr = [r["threshold"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+    for k in ("dice", "precision", "recall", "f1"):
+        a.plot(thr, [r[k] for r in rows], label=k)
+    a.axvline(chosen, color="grey", ls="--", lw=0.8)
+    a.set_xlabel("threshold")
+    a.legend(fontsize=7)
+    a.set_title("metrics vs threshold", fontsize=9)
+    b.plot(thr, [r["fp_rate"] for r in rows], label="FP pixels / all")
+    b.plot(thr, [r["fn_rate"] for r in rows], label="FN pixels / all")
+    b.axvline(chosen, color="grey", ls="--", lw=0.8)
+    b.set_xlabel("threshold")
+    b.legend(fontsize=7)
+    b.set_title("error pixel rates", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_pr_curve(precision: Sequence[float], recall: Sequence[float], path: str | Path, ap: float) -> Path:
+    """Pixel precision-recall curve."""
+    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+    ax.plot(recall, precision)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"pixel PR curve (AP {ap:.3f})", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_reliability(rel: Mapping[str, Sequence[float]], path: str | Path, ece: float, what: str = "pixels") -> Path:
+    """Reliability diagram: observed frequency vs mean confidence per bin, with bin mass."""
+    conf = np.array(rel["confidence"], dtype=float)
+    freq = np.array(rel["frequency"], dtype=float)
+    count = np.array(rel["count"], dtype=float)
+    ok = count > 0
+    fig, (a, b) = plt.subplots(2, 1, figsize=(3.6, 4.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    a.plot([0, 1], [0, 1], "k--", lw=0.8)
+    a.plot(conf[ok], freq[ok], "o-", ms=3)
+    a.set_ylabel("observed frequency")
+    a.set_title(f"reliability ({what}), ECE {ece:.4f}", fontsize=9)
+    b.bar(conf[ok], count[ok] / max(count.sum(), 1), width=0.05)
+    b.set_yscale("log")
+    b.set_xlabel("predicted probability")
+    b.set_ylabel("mass")
+    return _save(fig, path)
+
+
+def plot_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str | Path) -> Path:
+    """Training curves: one line per logged series, x = epoch."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name, pts in history.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=name)
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=7)
+    ax.set_title("training curves", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_comparison(images: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+                    preds: Mapping[str, Sequence[np.ndarray]], scores: Mapping[str, Sequence[float]],
+                    path: str | Path, suptitle: str = "") -> Path:
+    """Rows = images; columns = image with ground truth, then each run's overlay with its Dice."""
+    names = list(preds)
+    n, m = len(images), len(names) + 1
+    fig, axes = plt.subplots(n, m, figsize=(2.1 * m, 2.1 * n), squeeze=False)
+    for i in range(n):
+        overlay_axes(axes[i, 0], images[i], gts[i], None, "image + ground truth" if i == 0 else "")
+        for j, name in enumerate(names):
+            overlay_axes(axes[i, j + 1], images[i], gts[i], preds[name][i],
+                         f"{name}\nDice {scores[name][i]:.3f}" if i == 0 else f"Dice {scores[name][i]:.3f}")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    return _save(fig, path)

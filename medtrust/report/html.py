@@ -1,0 +1,165 @@
+"""One self-contained HTML trust report per run folder (images embedded as base64).
+
+The report is built from what is on disk (``metrics/*.json``, ``figures/**.png``, ``splits/``,
+``config.yaml``), so it covers whatever the run produced and can be rebuilt at any time.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medtrust.utils.io import atomic_write_bytes
+
+INTENDED_USE = (
+    "Research tool for studying the trustworthiness of medical-imaging models. It is <b>not a medical "
+    "device</b> and must not be used for diagnosis, treatment or any clinical decision. Results on phantom "
+    "(procedural) data show that the pipeline works and recovers known ground truth; they say nothing about "
+    "clinical performance."
+)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+h3{font-size:15px}table{border-collapse:collapse;margin:8px 0;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}.box{background:#fff6e0;border:1px solid #e0c080;padding:10px;
+border-radius:6px}.muted{color:#666;font-size:12px}figure{display:inline-block;margin:6px;vertical-align:top}
+figcaption{font-size:12px;color:#444}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;
+padding:8px;font-size:11px;overflow:auto;max-height:400px}
+"""
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table(rows: list[Mapping[str, Any]], digits: int = 4) -> str:
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def dataset_licence(location: str | None) -> str | None:
+    """The licence line of the README next to a data set (``**Licence**: ...``), if there is one."""
+    if not location:
+        return None
+    p = Path(location)
+    for folder in (p if p.is_dir() else p.parent, p.parent.parent):
+        readme = folder / "README.md"
+        if readme.exists():
+            m = re.search(r"\*\*Licen[cs]e\*\*:\s*(.+)", readme.read_text(errors="replace"))
+            if m:
+                return m.group(1).strip()
+    return None
+
+
+def _metric_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for split, m in metrics.items():
+        row: dict[str, Any] = {"split": split, "n": m.get("n_images", "")}
+        for group in ("seg", "cls", "cal"):
+            for k, v in (m.get(group) or {}).items():
+                if isinstance(v, (int, float)) and k not in ("tp", "fp", "tn", "fn", "n_images", "n_bins"):
+                    row[f"{group}/{k}"] = float(v)
+        rows.append(row)
+    return rows
+
+
+def _limitations(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    out = []
+    for split, m in metrics.items():
+        data = m.get("data", {})
+        src = str(data.get("source", ""))
+        n = m.get("n_images", 0)
+        if src.startswith("phantom"):
+            out.append(f"{split}: procedural phantom data ({src}); figures measure the pipeline, not clinical skill.")
+        if isinstance(n, int) and n < 100:
+            out.append(f"{split}: only {n} images, so each metric has a wide confidence interval "
+                       f"(one image moves a mean by about 1/{n}).")
+        if data.get("skipped"):
+            out.append(f"{split}: {data['skipped']} bad sample(s) were skipped (data.on_bad=skip).")
+        if data.get("image_size"):
+            out.append(f"{split}: metrics are computed at the working resolution {data['image_size']} (H, W), "
+                       "not at the original image resolution.")
+    return list(dict.fromkeys(out))
+
+
+def build_run_report(run_dir: str | Path, title: str | None = None) -> Path:
+    """Write ``<run_dir>/report/index.html`` from the folder's contents and return its path."""
+    run_dir = Path(run_dir)
+    metrics: dict[str, dict[str, Any]] = {}
+    for p in sorted((run_dir / "metrics").glob("*.json")):
+        try:
+            m = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(m, dict) and "split" in m:
+            metrics[p.stem] = m
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    parts = [f"<h1>{html.escape(title or 'medtrust trust report')}</h1>",
+             f"<p class=muted>{html.escape(str(run_dir))}<br>created {html.escape(str(info.get('created', '')))}"
+             f" · git {html.escape(str(info.get('git_commit', '')))}<br>command: "
+             f"<code>{html.escape(str(info.get('command', '')))}</code></p>",
+             f"<div class=box><b>Intended use.</b> {INTENDED_USE}</div>"]
+
+    if metrics:
+        parts.append("<h2>Metrics</h2>" + _table(_metric_rows(metrics)))
+        ta = [{"split": s, **m["threshold_analysis"]} for s, m in metrics.items() if m.get("threshold_analysis")]
+        if ta:
+            parts.append("<h3>Threshold analysis</h3>" + _table(ta))
+        data_rows, seen = [], set()
+        for s, m in metrics.items():
+            d = m.get("data", {})
+            key = json.dumps(d, sort_keys=True, default=str)
+            if d and key not in seen:
+                seen.add(key)
+                lic = dataset_licence(d.get("location"))
+                data_rows.append({"evaluated split": s, "source": d.get("source"), "split method": d.get("split_method"),
+                                  "split sizes": d.get("split_counts"), "licence": lic or "see data set README / phantom (generated)"})
+        parts.append("<h2>Data</h2>" + _table(data_rows))
+    splits_json = run_dir / "splits" / "splits.json"
+    if splits_json.exists():
+        sj = json.loads(splits_json.read_text())
+        parts.append(f"<p class=muted>splits: method {html.escape(str(sj.get('method')))}, sha256 "
+                     f"<code>{html.escape(str(sj.get('sha256')))}</code>, counts {html.escape(json.dumps(sj.get('counts')))}</p>")
+
+    fig_root = run_dir / "figures"
+    if fig_root.exists():
+        parts.append("<h2>Figures</h2>")
+        for folder in sorted({p.parent for p in fig_root.rglob("*.png")}):
+            parts.append(f"<h3>{html.escape(str(folder.relative_to(fig_root)))}</h3>")
+            parts += [_img(p, p.stem.replace('_', ' ')) for p in sorted(folder.glob("*.png"))]
+
+    for name in ("comparison.csv",):
+        p = run_dir / name
+        if p.exists():
+            parts.append("<h2>Comparison</h2>" + _table(pd.read_csv(p).to_dict("records")))
+
+    lim = _limitations(metrics)
+    if lim:
+        parts.append("<h2>Known limitations</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lim) + "</ul>")
+    cfg = run_dir / "config.yaml"
+    if cfg.exists():
+        parts.append(f"<h2>Configuration</h2><details><summary>resolved config</summary><pre>"
+                     f"{html.escape(cfg.read_text())}</pre></details>")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title or 'medtrust report')}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    return atomic_write_bytes(run_dir / "report" / "index.html", page.encode())

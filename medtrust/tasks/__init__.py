@@ -1,0 +1,1 @@
+"""Tasks: LightningModules that take their networks, loss and optimizer as arguments."""

@@ -1,0 +1,18 @@
+"""Train a medtrust task: ``python train.py [group=choice ...] [key=value ...]`` (``-m`` for sweeps)."""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+import medtrust.runs.resolvers  # noqa: F401  (registers ${project_root:}, ${fresh_dir:...}, ...)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from medtrust.runs.train import train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
