@@ -167,6 +167,8 @@ def build_augmentation(name: str, cfg: Mapping[str, Any], keys: tuple[str, ...])
     if not 0 <= p <= 1:
         raise ValueError(f"data.augment.{name}.prob must be in [0, 1], got {p}")
     geo_modes = ["bilinear", "nearest"][: len(keys)]
+    # torch "nearest" resizing is off by half a pixel against "bilinear"; "nearest-exact" is centred.
+    zoom_modes = ["bilinear", "nearest-exact"][: len(keys)]
     img = "image"
     if name == "hflip":
         return mt.RandFlipd(keys, prob=p, spatial_axis=1, allow_missing_keys=True)
@@ -178,7 +180,7 @@ def build_augmentation(name: str, cfg: Mapping[str, Any], keys: tuple[str, ...])
                               padding_mode="zeros", align_corners=False, allow_missing_keys=True)
     if name == "zoom":
         lo, hi = _range(cfg, "factors", name, lo=0.05)
-        return mt.RandZoomd(keys, prob=p, min_zoom=lo, max_zoom=hi, mode=geo_modes, padding_mode="constant",
+        return mt.RandZoomd(keys, prob=p, min_zoom=lo, max_zoom=hi, mode=zoom_modes, padding_mode="constant",
                             keep_size=True, allow_missing_keys=True)
     if name == "brightness":
         return mt.RandShiftIntensityd(img, offsets=_range(cfg, "offsets", name), prob=p)

@@ -111,7 +111,7 @@ def build_run_report(run_dir: str | Path, title: str | None = None) -> Path:
             m = json.loads(p.read_text())
         except json.JSONDecodeError:
             continue
-        if isinstance(m, dict) and "split" in m:
+        if isinstance(m, dict) and "split" in m and any(g in m for g in ("seg", "cls")):
             metrics[p.stem] = m
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     parts = [f"<h1>{html.escape(title or 'medtrust trust report')}</h1>",

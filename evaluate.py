@@ -1,0 +1,28 @@
+"""Evaluate trained runs: ``python evaluate.py run_dir=<run> [data.manifest=<csv>] [split=test]``
+or compare runs: ``python evaluate.py "run_dirs=[runA,runB,runC]"``."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import medtrust.runs.resolvers  # noqa: F401
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from medtrust.runs.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    from medtrust.runs.evaluate import prepare_argv
+    from medtrust.runs.rundir import RunDirError
+
+    try:
+        sys.argv = prepare_argv(sys.argv)
+    except RunDirError as err:
+        sys.exit(f"evaluate.py: {err}")
+    main()

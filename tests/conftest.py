@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny phantom data on disk in every supported layout, and a trained tiny run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("CI", "true")  # quiet progress bars in subprocesses
+
+# Overrides that make any segmentation run tiny (seconds on CPU).
+TINY_MODEL = ["experiment=tiny", "threads=1"]
+TINY = [*TINY_MODEL, "data.source.n_images=40", "data.source.size=32"]  # + a tiny phantom
+
+
+def run_script(script: str, *args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python <script> args...`` from the repository and return the completed process."""
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def phantom_records():
+    from medtrust.data.phantoms.derm import PhantomDermSource
+
+    return PhantomDermSource(n_images=12, size=32, seed=3).records()
+
+
+@pytest.fixture(scope="session")
+def csv_dataset(tmp_path_factory, phantom_records) -> Path:
+    """A CSV manifest (relative paths, train/val/test split column, attributes) of phantom images."""
+    root = tmp_path_factory.mktemp("csvdata")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rows = []
+    for r in phantom_records:
+        Image.fromarray(r["image"]).save(root / "images" / f"{r['id']}.png")
+        Image.fromarray(r["mask"] * 255).save(root / "masks" / f"{r['id']}_mask.png")
+        rows.append({"path": f"images/{r['id']}.png", "mask_path": f"masks/{r['id']}_mask.png", "label": "melanoma" if r["label"] else "nevus",
+                     "patient_id": r["patient_id"], "sex": r["attrs"]["sex"]})
+    df = pd.DataFrame(rows)
+    # split by patient so the manifest is leak-free: first patients train, then val, then test
+    pids = list(dict.fromkeys(df["patient_id"]))
+    n = len(pids)
+    split_of = {p: ("train" if k < n * 0.5 else "val" if k < n * 0.75 else "test") for k, p in enumerate(pids)}
+    df["split"] = df["patient_id"].map(split_of)
+    df.to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def isic_root(tmp_path_factory) -> Path:
+    from medtrust.data.phantoms.derm import export_isic_layout
+
+    return export_isic_layout(tmp_path_factory.mktemp("isic"), n_train=6, n_val=3, n_test=3, size=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny trained run folder (train.py end to end), shared by the tests that need a run."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    run_script("train.py", *TINY, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path

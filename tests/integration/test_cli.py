@@ -1,0 +1,146 @@
+"""train.py / evaluate.py end to end on tiny configs (real subprocesses, as a user runs them)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import SHARED_DATA, TINY, TINY_MODEL, run_script
+
+pytestmark = pytest.mark.integration
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_train_writes_a_complete_run_folder(tiny_run):
+    for rel in (".hydra/config.yaml", "config.yaml", "run.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                "metrics/val.json", "metrics/test.json", "metrics/test_per_image.csv",
+                "metrics/test_threshold_sweep.csv", "metrics/test_pr_curve.csv", "splits/splits.csv",
+                "splits/splits.json", "report/index.html", "figures/training/curves.png"):
+        assert (tiny_run / rel).is_file(), rel
+    figs = {p.name for p in (tiny_run / "figures" / "test").glob("*.png")}
+    assert {"overlays.png", "batch_a_average.png", "batch_b_best.png", "batch_c_worst.png", "confusion_matrix.png",
+            "threshold_sweep.png", "pr_curve.png", "reliability.png"} <= figs
+    m = json.loads((tiny_run / "metrics" / "test.json").read_text())
+    for k in ("dice", "iou", "precision", "recall", "accuracy", "f1", "fp_rate", "fn_rate"):
+        assert 0.0 <= m["seg"][k] <= 1.0
+    assert m["seg"]["tp"] + m["seg"]["fp"] + m["seg"]["tn"] + m["seg"]["fn"] == m["n_images"] * 32 * 32
+    assert {"ece", "brier", "reliability"} <= set(m["cal"])
+    per = pd.read_csv(tiny_run / "metrics" / "test_per_image.csv")
+    assert len(per) == m["n_images"] and per["dice"].mean() == pytest.approx(m["seg"]["dice"])
+    ckpt = torch.load(tiny_run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert any(k.startswith("net.") for k in ckpt["state_dict"])
+    splits = pd.read_csv(tiny_run / "splits" / "splits.csv")
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+    logged = pd.read_csv(tiny_run / "csv" / "metrics.csv")
+    assert {"val/seg/dice", "val/cal/ece", "train/loss_step"} <= set(logged.columns)
+    assert "not a medical device" in (tiny_run / "report" / "index.html").read_text()
+
+
+def test_evaluate_rebuilds_the_run_and_reproduces_its_test_metrics(tiny_run):
+    before = sha(tiny_run / "metrics" / "test.json")
+    run_script("evaluate.py", f"run_dir={tiny_run}")
+    evals = sorted((tiny_run / "evaluations").iterdir())
+    got = json.loads((evals[-1] / "metrics" / "test.json").read_text())
+    want = json.loads((tiny_run / "metrics" / "test.json").read_text())
+    assert got["seg"]["dice"] == pytest.approx(want["seg"]["dice"], abs=1e-9)
+    assert got["cal"]["ece"] == pytest.approx(want["cal"]["ece"], abs=1e-6)  # thread count may differ
+    assert sha(tiny_run / "metrics" / "test.json") == before  # the run's own results are untouched
+    assert (evals[-1] / "report" / "index.html").is_file()
+
+
+def test_same_config_and_seed_give_identical_metrics(tiny_run, tmp_path):
+    run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'again'}")
+    a = json.loads((tiny_run / "metrics" / "test.json").read_text())
+    b = json.loads((tmp_path / "again" / "metrics" / "test.json").read_text())
+    assert a["seg"] == b["seg"] and a["cal"]["ece"] == b["cal"]["ece"]
+
+
+def test_a_new_run_never_writes_into_an_existing_run_folder(tiny_run):
+    before = sha(tiny_run / "metrics" / "test.json")
+    proc = run_script("train.py", *TINY, f"hydra.run.dir={tiny_run}", check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr
+    assert sha(tiny_run / "metrics" / "test.json") == before
+
+
+def test_init_from_fine_tunes_from_a_run_checkpoint(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    run_script("train.py", *TINY, "loss=tversky", f"model.init_from={ckpt}", "trainer.max_epochs=1",
+               f"hydra.run.dir={tmp_path / 'ft'}")
+    rep = json.loads((tmp_path / "ft" / "init_from.json").read_text())
+    assert rep["missing"] == [] and rep["unexpected"] == [] and len(rep["loaded"]) > 10
+
+
+def test_multirun_runs_each_job_in_its_own_folder_and_writes_a_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_script("train.py", "-m", *TINY, "loss=dice,tversky", f"hydra.sweep.dir={sweep}")
+    assert (sweep / "0" / "metrics" / "test.json").is_file() and (sweep / "1" / "metrics" / "test.json").is_file()
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 2 and summary["overrides"].str.contains("loss=tversky").any()
+    assert "seg/dice" in summary.columns and (sweep / "summary.md").read_text().count("\n") >= 4
+
+
+def test_compare_runs_side_by_side(tiny_run, tmp_path):
+    other = tmp_path / "other"
+    run_script("train.py", *TINY, "loss=hybrid", f"hydra.run.dir={other}")
+    proc = run_script("evaluate.py", f"run_dirs=[{tiny_run},{other}]", f"hydra.run.dir={tmp_path / 'cmp'}")
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert len(table) == 2 and set(table["run"]) == {"tiny/dice", "tiny/hybrid"}
+    assert (tmp_path / "cmp" / "figures" / "comparison" / "comparison.png").is_file()
+    assert "tiny/hybrid" in proc.stderr + proc.stdout
+
+
+def test_csv_run_evaluated_on_the_test_rows_of_another_manifest(csv_dataset, tmp_path):
+    run = tmp_path / "csvrun"
+    run_script("train.py", *TINY_MODEL, "data=csv", f"data.manifest={csv_dataset}", "data.image_size=[32,32]",
+               f"hydra.run.dir={run}")
+    other = tmp_path / "other_data"
+    shutil.copytree(csv_dataset.parent, other)
+    df = pd.read_csv(other / "manifest.csv")
+    df["split"] = ["test" if i % 2 else "train" for i in range(len(df))]
+    df["patient_id"] = [f"q{i}" for i in range(len(df))]
+    df.to_csv(other / "manifest.csv", index=False)
+    run_script("evaluate.py", f"run_dir={run}", f"data.manifest={other / 'manifest.csv'}")
+    res = json.loads((sorted((run / "evaluations").iterdir())[-1] / "metrics" / "test.json").read_text())
+    assert res["n_images"] == int((df["split"] == "test").sum())
+    assert str(other / "manifest.csv") in res["data"]["location"]
+    assert res["data"]["image_size"] == [32, 32]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["data.fooo=1"], "fooo"),
+    (["data=csv", "data.manifest=/nonexistent/manifest.csv"], "manifest not found: /nonexistent/manifest.csv"),
+    (["loss=nope"], "nope"),
+])
+def test_train_bad_input_gives_one_clear_message(args, msg, tmp_path):
+    proc = run_script("train.py", *TINY_MODEL, *args, f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    assert proc.returncode != 0 and msg in proc.stderr
+
+
+def test_evaluate_bad_run_dir(tmp_path):
+    proc = run_script("evaluate.py", f"run_dir={tmp_path / 'missing'}", check=False)
+    assert proc.returncode != 0 and "folder not found" in proc.stderr
+    assert not (tmp_path / "missing").exists()  # nothing was created for a bad run_dir
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED_DATA / "ph2_skin_lesion_seg" / "manifest.csv").exists(),
+                    reason="../shared/data/ph2_skin_lesion_seg not present")
+def test_ph2_trains_and_evaluates_from_its_manifest_as_it_is(tmp_path):
+    run = tmp_path / "ph2"
+    run_script("train.py", "experiment=glassbox_ph2", "data.image_size=[48,64]", "model.net.channels=[4,8,16]",
+               "model.net.strides=[2,2]", "trainer.max_epochs=2", "threads=1", f"hydra.run.dir={run}")
+    val = json.loads((run / "metrics" / "val.json").read_text())
+    assert val["n_images"] == 30 and 0 <= val["seg"]["dice"] <= 1
+    assert not (run / "metrics" / "test.json").exists()  # the shared PH2 copy has train/val rows only
+    assert "research" in (run / "report" / "index.html").read_text()
+    run_script("evaluate.py", f"run_dir={run}", "split=val")
+    res = json.loads((sorted((run / "evaluations").iterdir())[-1] / "metrics" / "val.json").read_text())
+    assert res["seg"]["dice"] == pytest.approx(val["seg"]["dice"], abs=1e-9)

@@ -1,0 +1,49 @@
+"""The datamodule serves the batch contract and is deterministic for a seed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medtrust.data.datamodule import ImageDataModule
+from medtrust.data.phantoms.derm import PhantomDermSource
+from medtrust.runs.resolvers import PROJECT_ROOT
+from omegaconf import OmegaConf
+
+AUG = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf/data/augment/standard.yaml"))
+
+
+def make(seed=0, **kw):
+    return ImageDataModule(PhantomDermSource(n_images=30, size=32, seed=1), image_size=[32, 32], augment=AUG,
+                           normalize={"mean": [0.5] * 3, "std": [0.25] * 3}, batch_size=4, seed=seed, **kw)
+
+
+def test_batch_contract():
+    b = next(iter(make().train_dataloader()))
+    assert b["image"].dtype == torch.float32 and b["image"].shape == (4, 3, 32, 32)
+    assert b["mask"].shape == (4, 1, 32, 32)
+    assert b["label"].dtype == torch.long
+    assert isinstance(b["patient_id"], list) and isinstance(b["path"], list)
+    assert set(b["attrs"]) == {"skin_tone", "sex", "age_group"} and len(b["attrs"]["sex"]) == 4
+
+
+def test_same_seed_same_batches_different_seed_differs():
+    def first(seed):
+        torch.manual_seed(0)
+        return next(iter(make(seed).train_dataloader()))["image"]
+
+    assert torch.equal(first(0), first(0))
+    assert not torch.equal(first(0), first(1))
+
+
+def test_eval_loader_is_not_augmented_and_keeps_order():
+    dm = make()
+    a = next(iter(dm.val_dataloader()))
+    b = next(iter(dm.val_dataloader()))
+    assert torch.equal(a["image"], b["image"]) and a["index"].tolist() == list(range(len(a["index"])))
+
+
+@pytest.mark.parametrize("kw,msg", [({"image_size": [4, 4]}, "data.image_size"), ({"on_bad": "ignore"}, "data.on_bad"),
+                                    ({"batch_size": 0}, "data.batch_size")])
+def test_bad_settings(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ImageDataModule(PhantomDermSource(n_images=4, size=16), **kw)

@@ -1,0 +1,86 @@
+"""Segmentation task: weights init from a checkpoint, explain target, steps and optimiser assembly."""
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from monai.losses import DiceLoss
+from torch.utils.data import DataLoader
+
+from medtrust.nets.unet import attention_unet
+from medtrust.tasks.base import build_scheduler, load_init_weights
+from medtrust.tasks.segmentation import SegmentationTask
+
+
+def make_task(**kw):
+    net = attention_unet(3, 1, channels=[4, 8, 16], strides=[2, 2], input_size=[16, 16])
+    return SegmentationTask(net, DiceLoss(sigmoid=True), partial(torch.optim.AdamW, lr=1e-3), **kw)
+
+
+def test_init_from_loads_matching_weights_and_reports_the_rest(tmp_path):
+    torch.manual_seed(0)
+    src = make_task()
+    ckpt = tmp_path / "src.ckpt"
+    sd = dict(src.state_dict())
+    sd["extra.weight"] = torch.zeros(2)
+    first = next(k for k in sd if k.endswith("conv.weight"))
+    sd[first] = torch.zeros(1, 1, 1, 1)  # wrong shape: reported, not loaded
+    torch.save({"state_dict": sd, "epoch": 3}, ckpt)
+    torch.manual_seed(1)
+    dst = make_task(init_from=str(ckpt))
+    rep = dst.init_report
+    assert rep["unexpected"] == ["extra.weight"] and rep["shape_mismatch"] == [first]
+    assert first in rep["missing"]
+    other = next(k for k in rep["loaded"] if k.endswith("conv.weight"))
+    assert torch.equal(dst.state_dict()[other], src.state_dict()[other])
+    assert not torch.equal(dst.state_dict()[first], src.state_dict()[first])
+
+
+def test_init_from_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.init_from: checkpoint not found"):
+        make_task(init_from=str(tmp_path / "missing.ckpt"))
+    torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="no parameter"):
+        load_init_weights(make_task(), tmp_path / "x.ckpt")
+
+
+def test_explain_target_sums_sigmoid_over_predicted_mask():
+    task = make_task()
+    logits = torch.tensor([[[[4.0, -4.0], [0.0, 3.0]]]])
+    got = task.explain_target(logits)
+    want = torch.sigmoid(torch.tensor(4.0)) + torch.sigmoid(torch.tensor(0.0)) + torch.sigmoid(torch.tensor(3.0))
+    assert got.item() == pytest.approx(want.item())
+    region = torch.zeros_like(logits)
+    region[..., 0, 1] = 1
+    assert task.explain_target(logits, region, use_sigmoid=False).item() == pytest.approx(-4.0)
+
+
+def test_fit_a_few_steps_logs_metrics_and_predict_contract(tmp_path):
+    torch.manual_seed(0)
+    task = make_task()
+    x = torch.rand(8, 3, 16, 16)
+    y = (x[:, :1] > 0.5).float()
+    data = DataLoader([{"image": x[i], "mask": y[i]} for i in range(8)], batch_size=4)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task, data, data)
+    assert {"val/seg/dice", "val/seg/iou", "val/loss", "train/loss_epoch"} <= set(trainer.logged_metrics)
+    out = task.predict_step({"image": x[:2]})
+    assert set(out) == {"logits", "prob", "mask_pred"} and out["prob"].shape == (2, 1, 16, 16)
+
+
+def test_scheduler_horizon_is_filled():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_scheduler(partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1), opt, 40, 4, "step")
+    assert sched.total_steps == 40
+    sched = build_scheduler(partial(torch.optim.lr_scheduler.CosineAnnealingLR), opt, 40, 4, "epoch")
+    assert sched.T_max == 4
+
+
+@pytest.mark.parametrize("kw,msg", [({"threshold": 1.5}, "model.threshold"), ({"monitor_mode": "up"}, "monitor_mode"),
+                                    ({"scheduler_interval": "batch"}, "scheduler_interval")])
+def test_bad_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        make_task(**kw)
