@@ -167,3 +167,49 @@ def plot_comparison(images: Sequence[np.ndarray], gts: Sequence[np.ndarray],
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     return _save(fig, path)
+
+
+def _norm_map(m: np.ndarray) -> np.ndarray:
+    m = np.nan_to_num(np.asarray(m, dtype=float))
+    lo, hi = np.percentile(m, 1), np.percentile(m, 99.5)
+    return np.clip((m - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(m)
+
+
+def plot_heatmaps(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray], path: str | Path,
+                  titles: Sequence[str] = ()) -> Path:
+    """One row per method, one column per image: heatmap (jet, alpha 0.5) over the image."""
+    names = list(maps)
+    n = len(images)
+    fig, axes = plt.subplots(len(names), n, figsize=(1.9 * n, 2.0 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c in range(n):
+            _show(axes[r, c], images[c])
+            axes[r, c].imshow(_norm_map(maps[name][c]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            axes[r, c].set_title(f"{titles[c] if c < len(titles) else ''}\n{name}" if r == 0 else name, fontsize=6)
+    return _save(fig, path)
+
+
+def plot_explanation_grid(images: Sequence[np.ndarray], gts: np.ndarray | None, preds: np.ndarray,
+                          maps: Mapping[str, np.ndarray], path: str | Path, ids: Sequence[str]) -> Path:
+    """GlassBox comparison grid: per image (row) the image, mask, prediction and every method."""
+    names = list(maps)
+    n, m = len(images), 3 + len(names)
+    fig, axes = plt.subplots(n, m, figsize=(1.7 * m, 1.8 * n), squeeze=False)
+    for i in range(n):
+        _show(axes[i, 0], images[i])
+        axes[i, 0].set_title(ids[i], fontsize=6)
+        axes[i, 1].imshow(gts[i] if gts is not None else np.zeros_like(preds[i]), cmap="gray", vmin=0, vmax=1)
+        axes[i, 2].imshow(preds[i], cmap="gray", vmin=0, vmax=1)
+        for j, name in enumerate(names):
+            ax = axes[i, 3 + j]
+            _show(ax, images[i])
+            ax.imshow(_norm_map(maps[name][i]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if gts is not None and gts[i].any():
+                ax.contour(gts[i], levels=[0.5], colors=GT_COLOUR, linewidths=0.8)
+        if i == 0:
+            for j, title in enumerate(["image", "mask", "prediction", *names]):
+                axes[0, j].set_title(title if j else f"image\n{ids[0]}", fontsize=6)
+        for ax in axes[i, 1:3]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, path)

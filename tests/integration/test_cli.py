@@ -144,3 +144,14 @@ def test_ph2_trains_and_evaluates_from_its_manifest_as_it_is(tmp_path):
     run_script("evaluate.py", f"run_dir={run}", "split=val")
     res = json.loads((sorted((run / "evaluations").iterdir())[-1] / "metrics" / "val.json").read_text())
     assert res["seg"]["dice"] == pytest.approx(val["seg"]["dice"], abs=1e-9)
+
+
+def test_explain_writes_maps_grid_and_localisation(tiny_run):
+    run_script("explain.py", f"run_dir={tiny_run}", "n_images=3", "xai.ig.n_steps=8")
+    out = sorted((tiny_run / "explanations").iterdir())[-1]
+    res = json.loads((out / "metrics" / "explanations.json").read_text())
+    assert {"saliency_logits", "saliency_sigmoid", "ig_black", "gradcam_output", "slic_confidence"} <= set(res["localisation"])
+    assert len(list((out / "explanations" / "ig_black").glob("*.npz"))) == 3
+    assert (out / "figures" / "explanations" / "grid.png").is_file()
+    proc = run_script("explain.py", f"run_dir={tiny_run}", "xai.gradcam.layers=[net.nope]", check=False)
+    assert proc.returncode != 0 and "available module paths" in proc.stderr

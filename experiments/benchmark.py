@@ -1,0 +1,176 @@
+"""Benchmarks whose figures go into README's results table (each row measured in one run).
+
+    python experiments/benchmark.py                 # all rows, default sizes (~3 min on 2 cores)
+    python experiments/benchmark.py --rows seg_throughput --epochs 4
+
+Rows:
+  seg_throughput  training images/s of medtrust's segmentation task (Lightning Trainer with the
+                  default callbacks and CSV logger) against a plain PyTorch loop with the same
+                  model, batch, data loader, optimiser/scheduler and threads. Target ratio >= 0.90.
+  seg_flops       achieved FLOP/s of one Attention U-Net training step (counted with
+                  torch.utils.flop_counter) as a fraction of this machine's fp32 matmul FLOP/s,
+                  both measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+import medtrust.runs.resolvers  # noqa: E402,F401
+from medtrust.callbacks.checkpoint_io import AtomicCheckpointIO  # noqa: E402
+from medtrust.runs.train import build_task, instantiate_list  # noqa: E402
+
+
+def compose_cfg(overrides: list[str], out_dir: Path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=False)
+    cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+class EpochTimer(L.Callback):
+    """Wall time of each training epoch (excluding validation, which is disabled here)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+
+def medtrust_epochs(cfg, dm, epochs: int, out_dir: Path) -> list[float]:
+    L.seed_everything(0, workers=True, verbose=False)
+    task = build_task(cfg)
+    timer = EpochTimer()
+    callbacks = [*instantiate_list(cfg.callbacks), timer]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_list(cfg.logger),
+                          plugins=[AtomicCheckpointIO()], max_epochs=epochs, limit_val_batches=0,
+                          enable_progress_bar=False, default_root_dir=str(out_dir))
+    trainer.fit(task, train_dataloaders=dm.train_dataloader())
+    return timer.times
+
+
+def plain_epochs(cfg, dm, epochs: int) -> list[float]:
+    """The same model/loss/optimiser/scheduler/loader in a hand-written loop."""
+    L.seed_everything(0, workers=True, verbose=False)
+    net = instantiate(cfg.model.net)
+    loss_fn = instantiate(cfg.loss)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay)
+    loader = dm.train_dataloader()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.model.optimizer.lr, total_steps=epochs * len(loader),
+                                                pct_start=cfg.model.scheduler.pct_start)
+    net.train()
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        for batch in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(batch["image"]), batch["mask"])
+            loss.backward()
+            opt.step()
+            sched.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def row_seg_throughput(args) -> dict:
+    out = Path(args.out) / "throughput"
+    cfg = compose_cfg(args.overrides, out)
+    torch.set_num_threads(int(cfg.threads))
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    n = len(dm.dataset("train"))
+    med, plain = [], []
+    for rep in range(args.repeats):  # interleave so drift of the machine hits both equally
+        plain += plain_epochs(cfg, dm, args.epochs)[1:]  # first epoch = warm-up
+        med += medtrust_epochs(cfg, dm, args.epochs, out / f"rep{rep}")[1:]
+    ips_med, ips_plain = n / statistics.median(med), n / statistics.median(plain)
+    return {"row": "seg_throughput", "medtrust_img_per_s": round(ips_med, 2), "plain_img_per_s": round(ips_plain, 2),
+            "ratio": round(ips_med / ips_plain, 3), "target": ">= 0.90", "images_per_epoch": n,
+            "epochs_timed": len(med), "threads": int(cfg.threads), "batch_size": int(cfg.data.batch_size),
+            "image_size": list(cfg.data.image_size)}
+
+
+def matmul_flops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def row_seg_flops(args) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = compose_cfg(args.overrides, Path(args.out) / "flops")
+    torch.set_num_threads(int(cfg.threads))
+    net = instantiate(cfg.model.net)
+    loss_fn = instantiate(cfg.loss)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    h, w = cfg.data.image_size
+    x = torch.randn(int(cfg.data.batch_size), int(cfg.data.channels), int(h), int(w))
+    y = (torch.rand(x.shape[0], 1, int(h), int(w)) > 0.7).float()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    for _ in range(2):
+        step()
+    t = time.perf_counter()
+    reps = args.flop_steps
+    for _ in range(reps):
+        step()
+    achieved = flops * reps / (time.perf_counter() - t)
+    peak = matmul_flops()
+    return {"row": "seg_flops", "step_gflop": round(flops / 1e9, 2), "achieved_gflops": round(achieved / 1e9, 1),
+            "matmul_gflops": round(peak / 1e9, 1), "fraction": round(achieved / peak, 3),
+            "note": "plain-loop reference about 0.5", "threads": int(cfg.threads)}
+
+
+ROWS = {"seg_throughput": row_seg_throughput, "seg_flops": row_seg_flops}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each loop")
+    p.add_argument("--flop-steps", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "runs" / "benchmark" / time.strftime("%Y-%m-%d_%H-%M-%S")))
+    p.add_argument("overrides", nargs="*", default=[], help="config overrides, e.g. data.image_size=[96,96]")
+    args = p.parse_args(argv)
+    results = [ROWS[r](args) for r in args.rows]
+    import pandas as pd
+
+    df = pd.DataFrame(results)
+    print(df.to_markdown(index=False))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    df.to_csv(Path(args.out) / "benchmark.csv", index=False)
+    return results
+
+
+if __name__ == "__main__":
+    main()

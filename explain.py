@@ -1,0 +1,27 @@
+"""Explain a trained run: ``python explain.py run_dir=<run> [xai=segmentation] [split=test] [n_images=6]``."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import medtrust.runs.resolvers  # noqa: F401
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="explain")
+def main(cfg: DictConfig) -> None:
+    from medtrust.runs.explain import explain
+
+    explain(cfg)
+
+
+if __name__ == "__main__":
+    from medtrust.runs.evaluate import prepare_argv
+    from medtrust.runs.rundir import RunDirError
+
+    try:
+        sys.argv = prepare_argv(sys.argv, multi=False)
+    except RunDirError as err:
+        sys.exit(f"explain.py: {err}")
+    main()

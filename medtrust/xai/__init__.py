@@ -1,0 +1,1 @@
+"""Explanations: captum attributions, layer Grad-CAM, SLIC superpixel confidence, shared targets."""
