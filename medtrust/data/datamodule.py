@@ -151,10 +151,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def write_splits(self, out_dir: str | Path) -> str:
         """Write the split assignment (CSV + JSON with its sha256) into ``out_dir``."""
-        info = {"source": self.source.describe(), "method": self._split_how or "unknown", **self.split_cfg}
-        _ = self.split_records
-        info["method"] = self._split_how
-        digest = write_splits(self.split_records, out_dir, info)
+        split_records = self.split_records  # computes the split (and its method) if not done yet
+        info = {"source": self.source.describe(), "method": self._split_how, **self.split_cfg}
+        digest = write_splits(split_records, out_dir, info)
         if self.skipped:
             import pandas as pd
 
@@ -184,7 +183,8 @@ class ImageDataModule(L.LightningDataModule):
         if not recs:
             counts = {s: len(r) for s, r in self.split_records.items()}
             raise DataError(f"{self.source.describe()}: split {split!r} is empty (split sizes {counts}); "
-                            "the data or data.splits.fractions must give it at least one image")
+                            "the data or data.splits.fractions must give it at least one image "
+                            "(evaluate.py/explain.py: split=all uses every row)")
         with ThreadPoolExecutor(self.load_threads) as pool:
             results = list(pool.map(self._load_one, recs))
         images, masks, kept = [], [], []

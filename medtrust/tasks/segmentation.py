@@ -29,6 +29,9 @@ class SegmentationTask(TaskBase):
         monitor_mode: ``max`` or ``min``.
         init_from: optional checkpoint whose matching weights initialise the model (fine-tuning).
         channels_last: use the channels-last memory format (faster convolutions on some CPUs).
+        tta: test-time flips averaged in ``predict_step`` (evaluation, explanations):
+            any of ``hflip``, ``vflip``; with both, the combined flip is added too. Training and
+            validation-time checkpoint selection use the plain forward pass.
     """
 
     task_name = "segmentation"
@@ -45,12 +48,16 @@ class SegmentationTask(TaskBase):
         monitor_mode: str = "max",
         init_from: str | None = None,
         channels_last: bool = False,
+        tta: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not 0 < threshold < 1:
             raise ValueError(f"model.threshold must be in (0, 1), got {threshold}")
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"model.scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+        tta = list(tta or [])
+        if not set(tta) <= {"hflip", "vflip"}:
+            raise ValueError(f"model.tta entries must be hflip/vflip, got {tta}")
         if monitor_mode not in ("max", "min"):
             raise ValueError(f"model.monitor_mode must be 'max' or 'min', got {monitor_mode!r}")
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
@@ -58,6 +65,9 @@ class SegmentationTask(TaskBase):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scheduler_interval, self.threshold, self.monitor = scheduler_interval, threshold, monitor
         self.channels_last = channels_last
+        # flip dims of each test-time view (identity first); both flips add the combined flip
+        dims = [[-1]] * ("hflip" in tta) + [[-2]] * ("vflip" in tta)
+        self.tta_views: list[list[int]] = [[], *dims] + ([[-2, -1]] if len(dims) == 2 else [])
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.train_metric = SegmentationMetric(threshold)
@@ -110,9 +120,16 @@ class SegmentationTask(TaskBase):
         self._log_epoch("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, torch.Tensor]:
-        """Returns ``{"logits", "prob", "mask_pred"}`` (B×1×H×W each)."""
-        logits = self(batch["image"])
-        prob = torch.sigmoid(logits)
+        """Returns ``{"logits", "prob", "mask_pred"}`` (B×1×H×W each); with ``tta`` the
+        probabilities are the mean over the flipped views (flipped back) and ``logits`` their logit."""
+        x = batch["image"]
+        if len(self.tta_views) == 1:
+            logits = self(x)
+            prob = torch.sigmoid(logits)
+        else:
+            prob = torch.stack([torch.sigmoid(self(x.flip(d) if d else x)).flip(d) if d else torch.sigmoid(self(x))
+                                for d in self.tta_views]).mean(0)
+            logits = torch.logit(prob, eps=1e-6)
         return {"logits": logits, "prob": prob, "mask_pred": (prob >= self.threshold).float()}
 
     def explain_target(self, logits: torch.Tensor, region: torch.Tensor | None = None, use_sigmoid: bool = True) -> torch.Tensor:

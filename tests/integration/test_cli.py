@@ -84,6 +84,7 @@ def test_multirun_runs_each_job_in_its_own_folder_and_writes_a_summary(tmp_path)
     assert (sweep / "0" / "metrics" / "test.json").is_file() and (sweep / "1" / "metrics" / "test.json").is_file()
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 2 and summary["overrides"].str.contains("loss=tversky").any()
+    assert (summary["status"] == "completed").all()
     assert "seg/dice" in summary.columns and (sweep / "summary.md").read_text().count("\n") >= 4
 
 

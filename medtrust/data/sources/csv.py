@@ -42,7 +42,7 @@ class CsvSource:
         attr_columns: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
     ) -> None:
-        self.manifest = Path(str(manifest)).expanduser()
+        self.manifest = Path(str(manifest)).expanduser().resolve()
         self.cols = dict(path=path_column, mask=mask_column, label=label_column,
                          patient=patient_column, split=split_column)
         self.attr_columns = list(attr_columns or [])

@@ -28,3 +28,15 @@ def test_bad_config(kw, msg):
     args = {"channels": [4, 8, 16], "strides": [2, 2], **kw}
     with pytest.raises(ValueError, match=msg):
         attention_unet(**args)
+
+
+def test_channel_dropout_replaces_every_elementwise_dropout():
+    net = attention_unet(channels=[4, 8, 16], strides=[2, 2], dropout=0.2, dropout_mode="channel")
+    drops = [m for m in net.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+    assert drops and all(type(m) is nn.Dropout2d and m.p in (0.0, 0.2) for m in drops)  # MONAI sets p=0 in places
+    assert sum(m.p == 0.2 for m in drops) > 5
+    net.train()
+    x = torch.randn(1, 3, 16, 16)
+    assert not torch.equal(net(x), net(x))  # still stochastic in training mode
+    with pytest.raises(ValueError, match="dropout_mode"):
+        attention_unet(channels=[4, 8], strides=[2], dropout_mode="spatial")

@@ -84,3 +84,19 @@ def test_scheduler_horizon_is_filled():
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
         make_task(**kw)
+
+
+def test_tta_averages_flipped_views():
+    torch.manual_seed(0)
+    plain, tta = make_task(), make_task(tta=["hflip", "vflip"])
+    tta.load_state_dict(plain.state_dict())
+    plain.eval(), tta.eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        views = [torch.sigmoid(plain(x)), torch.sigmoid(plain(x.flip(-1))).flip(-1),
+                 torch.sigmoid(plain(x.flip(-2))).flip(-2), torch.sigmoid(plain(x.flip(-2, -1))).flip(-2, -1)]
+        got = tta.predict_step({"image": x})["prob"]
+    assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-6)
+    assert len(tta.tta_views) == 4
+    with pytest.raises(ValueError, match="model.tta"):
+        make_task(tta=["rot90"])
