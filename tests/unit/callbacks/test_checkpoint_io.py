@@ -21,3 +21,13 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    AtomicCheckpointIO().save_checkpoint({"a": 1}, tmp_path / "x.ckpt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.ckpt").stat().st_mode) == 0o666 & ~umask
