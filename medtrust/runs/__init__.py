@@ -1,0 +1,1 @@
+"""Run folders, entry-point logic (train / evaluate), Hydra resolvers and callbacks."""

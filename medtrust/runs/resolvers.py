@@ -1,0 +1,54 @@
+"""OmegaConf resolvers used by the configs (registered once on import)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def task_from_target(target: str) -> str:
+    """``medtrust.tasks.segmentation.SegmentationTask`` -> ``segmentation`` (the run-folder name)."""
+    parts = str(target).split(".")
+    return parts[-2] if len(parts) >= 2 else str(target).lower()
+
+
+def fresh_dir(path: str) -> str:
+    """``path`` if it does not exist yet, else ``path_2``, ``path_3``, …: two runs started in the
+    same second never share a folder. Cached per argument, so Hydra sees one answer per process."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("MEDTRUST_REUSE_RUN_DIR"):
+        return path  # DDP workers re-enter the folder rank 0 created
+    p, k = Path(path), 1
+    cand = p
+    while cand.exists():
+        k += 1
+        cand = p.with_name(f"{p.name}_{k}")
+    return str(cand)
+
+
+def eval_dir(run_dir: str | None, fallback: str) -> str:
+    """Where evaluate.py writes: ``<run_dir>/evaluations`` for one run, else ``fallback``."""
+    return f"{run_dir}/evaluations" if run_dir not in (None, "", "None") else fallback
+
+
+def progress_bar_enabled() -> bool:
+    """Progress bars on, except in CI (``CI`` set to a true value)."""
+    return os.environ.get("CI", "").lower() not in ("1", "true", "yes")
+
+
+def register_resolvers() -> None:
+    pairs = {
+        "project_root": (lambda: str(PROJECT_ROOT), False),
+        "task_from_target": (task_from_target, False),
+        "fresh_dir": (fresh_dir, True),
+        "progress_bar": (progress_bar_enabled, False),
+        "eval_dir": (eval_dir, False),
+    }
+    for name, (fn, cache) in pairs.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=cache)
+
+
+register_resolvers()

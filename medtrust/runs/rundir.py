@@ -1,0 +1,104 @@
+"""Run folders: claiming a fresh one, recognising one, and reloading its config and weights."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+MARKER = "run.json"
+
+
+class RunDirError(ValueError):
+    """A run folder is missing, is not a medtrust run, or already holds a run."""
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[2])
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def claim_run_dir(run_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Mark ``run_dir`` as this run's folder, atomically; refuse a folder that already holds a run.
+
+    Raises:
+        RunDirError: ``run_dir/run.json`` exists (another run's results would be overwritten).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "created": datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "git_commit": _git_commit(), "host": socket.gethostname(), "python": platform.python_version(),
+        "torch": torch.__version__, "pid": os.getpid(), **(info or {}),
+    }
+    try:
+        fd = os.open(run_dir / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError as err:
+        raise RunDirError(f"{run_dir} already holds a run ({MARKER} exists); a new run never writes into an "
+                          "existing run folder - choose another hydra.run.dir") from err
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+    return run_dir
+
+
+def check_run_dir(run_dir: str | Path, key: str = "run_dir") -> Path:
+    """Return ``run_dir`` as a Path if it is a medtrust run folder.
+
+    Raises:
+        RunDirError: it does not exist or lacks ``run.json`` / ``.hydra/config.yaml``.
+    """
+    p = Path(str(run_dir)).expanduser()
+    if not p.is_dir():
+        raise RunDirError(f"{key}={run_dir}: folder not found")
+    missing = [m for m in (MARKER, ".hydra/config.yaml") if not (p / m).exists()]
+    if missing:
+        raise RunDirError(f"{key}={run_dir}: not a medtrust run folder (missing {', '.join(missing)})")
+    return p
+
+
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    """The run's composed config (``.hydra/config.yaml``, interpolations kept)."""
+    return OmegaConf.load(check_run_dir(run_dir) / ".hydra" / "config.yaml")  # type: ignore[return-value]
+
+
+def load_run_choices(run_dir: str | Path) -> dict[str, str]:
+    """The config-group choices of a run (``data``, ``model``, ``loss``, …) from ``.hydra/hydra.yaml``."""
+    path = check_run_dir(run_dir) / ".hydra" / "hydra.yaml"
+    if not path.exists():
+        return {}
+    hy = OmegaConf.load(path)
+    choices = OmegaConf.select(hy, "hydra.runtime.choices") or {}
+    return {str(k): str(v) for k, v in OmegaConf.to_container(choices).items() if v is not None}
+
+
+def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
+    """``best``/``last`` checkpoint of a run, or an explicit path.
+
+    Raises:
+        RunDirError: the checkpoint is missing.
+    """
+    if which in ("best", "last"):
+        p = check_run_dir(run_dir) / "checkpoints" / f"{which}.ckpt"
+    else:
+        p = Path(which).expanduser()
+    if not p.is_file():
+        raise RunDirError(f"checkpoint not found: {p} (checkpoint=best|last|<path>)")
+    return p
+
+
+def load_weights(module: torch.nn.Module, ckpt_path: str | Path) -> None:
+    """Load a checkpoint's ``state_dict`` into ``module`` strictly, with ``weights_only=True``."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt, strict=True)

@@ -1,0 +1,161 @@
+"""What ``train.py`` does: build everything from the config, fit, evaluate the best checkpoint on
+val and test, write the run folder and its report."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from medtrust.callbacks.checkpoint_io import AtomicCheckpointIO
+from medtrust.report.figures import plot_curves
+from medtrust.report.html import build_run_report
+from medtrust.runs.rundir import claim_run_dir, load_weights
+from medtrust.utils.io import atomic_write_bytes, write_json
+from medtrust.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def instantiate_list(node: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs node that has a ``_target_`` (None/empty -> [])."""
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def setup_runtime(cfg: DictConfig) -> None:
+    """Seed everything and set torch threads (same config + seed -> same metrics on one machine).
+
+    Lightning's own console handlers are removed so its messages reach Hydra's root handlers
+    (console and the run's log file) once instead of twice.
+    """
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+
+
+def build_task(cfg: DictConfig, **overrides: Any) -> L.LightningModule:
+    """Instantiate the task (``cfg.model``) with its loss (``cfg.loss``)."""
+    loss = instantiate(cfg.loss) if cfg.get("loss") else None
+    return instantiate(cfg.model, loss=loss, **overrides)
+
+
+def training_curves(run_dir: Path) -> Path | None:
+    """Plot epoch-level curves from the CSV logger, if it ran."""
+    csvs = sorted(run_dir.glob("csv/**/metrics.csv"))
+    if not csvs:
+        return None
+    df = pd.read_csv(csvs[-1])
+    if "epoch" not in df:
+        return None
+    series = {}
+    for col in ("train/loss_epoch", "val/loss", "val/seg/dice", "train/seg/dice", "val/cal/ece"):
+        if col in df:
+            d = df[["epoch", col]].dropna().groupby("epoch")[col].last()
+            series[col] = list(zip(d.index.tolist(), d.tolist()))
+    return plot_curves(series, run_dir / "figures" / "training" / "curves.png") if series else None
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train and evaluate one configuration; return ``cfg.optimized_metric`` for sweepers.
+
+    The run folder records its state in ``status.json`` (``running`` -> ``completed`` or ``failed``
+    with the error), so a sweep summary can tell failed jobs from finished ones.
+    """
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    claim_run_dir(run_dir, {"task_name": cfg.task_name, "seed": int(cfg.seed)})
+    write_json(run_dir / "status.json", {"status": "running"})
+    try:
+        value = _train(cfg, run_dir)
+    except BaseException as err:
+        write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        raise
+    write_json(run_dir / "status.json", {"status": "completed", "optimized_metric": cfg.get("optimized_metric"),
+                                         "value": value})
+    return value
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> float | None:
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    setup_runtime(cfg)
+    # Build everything from the config first (cheap, fails fast on bad keys), then read the data.
+    task = build_task(cfg)
+    if getattr(task, "init_report", None):
+        write_json(run_dir / "init_from.json", {"checkpoint": cfg.model.get("init_from"), **task.init_report})
+    dm = instantiate(cfg.data)
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
+    dm.setup("fit")  # reads + validates train/val now, so bad data fails before any training
+    if dm.has_split("test"):
+        dm.load_split("test")
+    digest = dm.write_splits(run_dir / "splits")
+    log.info(f"data: {dm.summary()} (splits sha256 {digest[:12]})")
+
+    t0 = time.perf_counter()
+    if cfg.get("train", True):
+        trainer.fit(task, datamodule=dm)
+    fit_seconds = time.perf_counter() - t0
+
+    ckpt = _best_checkpoint(trainer, run_dir)
+    if ckpt is not None:
+        load_weights(task, ckpt)
+    results: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        extra = {"checkpoint": str(ckpt) if ckpt else None, "fit_seconds": round(fit_seconds, 1),
+                 "epochs": int(trainer.current_epoch), "seed": int(cfg.seed)}
+        splits = ["val"] + (["test"] if cfg.get("test", True) and dm.has_split("test") else [])
+        for split in splits:
+            results[split] = task.evaluate_split(dm, split, run_dir, cfg.get("evaluation"), extra)
+        _log_final(loggers, results)
+        training_curves(run_dir)
+        report = build_run_report(run_dir, title=f"medtrust {cfg.task_name} run")
+        log.info(f"run folder: {run_dir}  report: {report}")
+    return _metric_value(cfg, results)
+
+
+def _best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path | None:
+    cb = trainer.checkpoint_callback
+    best = getattr(cb, "best_model_path", "") if cb else ""
+    if best and Path(best).is_file():
+        return Path(best)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def _log_final(loggers: list[Any], results: dict[str, Any]) -> None:
+    flat = {}
+    for split, res in results.items():
+        for group in ("seg", "cls", "cal"):
+            for k, v in (res.get(group) or {}).items():
+                if isinstance(v, (int, float)):
+                    flat[f"final/{split}/{group}/{k}"] = float(v)
+    for lg in loggers:
+        lg.log_metrics(flat)
+        lg.save()
+
+
+def _metric_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:
+    """Look up e.g. ``val/seg/dice`` in the evaluation results."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    parts = str(name).split("/")
+    if len(parts) != 3 or parts[0] not in results:
+        return None
+    value = (results[parts[0]].get(parts[1]) or {}).get(parts[2])
+    return float(value) if value is not None else None
