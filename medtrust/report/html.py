@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from medtrust.report.summary import scalar_metrics
 from medtrust.utils.io import atomic_write_bytes
 
 INTENDED_USE = (
@@ -75,10 +76,7 @@ def _metric_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any
     rows = []
     for split, m in metrics.items():
         row: dict[str, Any] = {"split": split, "n": m.get("n_images", "")}
-        for group in ("seg", "cls", "cal"):
-            for k, v in (m.get(group) or {}).items():
-                if isinstance(v, (int, float)) and k not in ("tp", "fp", "tn", "fn", "n_images", "n_bins"):
-                    row[f"{group}/{k}"] = float(v)
+        row.update(scalar_metrics(m))
         rows.append(row)
     return rows
 

@@ -9,6 +9,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from medtrust.report.summary import scalar_metrics
 from medtrust.utils.io import atomic_write_bytes
 
 
@@ -30,10 +31,7 @@ def summarize_sweep(sweep_dir: str | Path, split: str = "test") -> pd.DataFrame:
         if mfile.exists():
             m = json.loads(mfile.read_text())
             row["split"] = used
-            for group in ("seg", "cls", "cal"):
-                for k, v in (m.get(group) or {}).items():
-                    if isinstance(v, (int, float)) and k not in ("tp", "fp", "tn", "fn", "n_images", "n_bins"):
-                        row[f"{group}/{k}"] = v
+            row.update(scalar_metrics(m))
         else:
             row["split"] = "failed (no metrics)"
         rows.append(row)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from medtrust.callbacks.checkpoint_io import AtomicCheckpointIO
 from medtrust.report.figures import plot_curves
 from medtrust.report.html import build_run_report
+from medtrust.report.summary import scalar_metrics
 from medtrust.runs.rundir import claim_run_dir, load_weights
 from medtrust.utils.io import atomic_write_bytes, write_json
 from medtrust.utils.logging import get_logger
@@ -140,10 +141,7 @@ def _best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path | None:
 def _log_final(loggers: list[Any], results: dict[str, Any]) -> None:
     flat = {}
     for split, res in results.items():
-        for group in ("seg", "cls", "cal"):
-            for k, v in (res.get(group) or {}).items():
-                if isinstance(v, (int, float)):
-                    flat[f"final/{split}/{group}/{k}"] = float(v)
+        flat.update({f"final/{split}/{k}": v for k, v in scalar_metrics(res, include_counts=True).items()})
     for lg in loggers:
         lg.log_metrics(flat)
         lg.save()
