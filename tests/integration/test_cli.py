@@ -156,3 +156,15 @@ def test_explain_writes_maps_grid_and_localisation(tiny_run):
     assert (out / "figures" / "explanations" / "grid.png").is_file()
     proc = run_script("explain.py", f"run_dir={tiny_run}", "xai.gradcam.layers=[net.nope]", check=False)
     assert proc.returncode != 0 and "available module paths" in proc.stderr
+
+
+def test_glassbox_variant_trains_on_the_isic_layout_with_official_splits(isic_root, tmp_path):
+    run = tmp_path / "isic"
+    run_script("train.py", "experiment=glassbox_recall", f"data.root={isic_root}", "data.image_size=[32,32]",
+               "model.net.channels=[4,8,16]", "model.net.strides=[2,2]", "trainer.max_epochs=1", "threads=1",
+               f"hydra.run.dir={run}")
+    info = json.loads((run / "splits" / "splits.json").read_text())
+    assert info["method"] == "source" and {s: c["images"] for s, c in info["counts"].items()} == \
+        {"train": 6, "val": 3, "test": 3}
+    assert json.loads((run / "metrics" / "test.json").read_text())["n_images"] == 3
+    assert "TverskyLoss" in (run / "config.yaml").read_text()
