@@ -68,6 +68,8 @@ class ImageDataModule(L.LightningDataModule):
         image_size: working (H, W), or one int for square images.
         channels: 1 (grayscale) or 3 (RGB).
         require_mask: every sample must have a mask (segmentation).
+        require_label: every sample must have a label (classification training/evaluation).
+        num_classes: labels must lie in ``[0, num_classes)`` when given.
         splits: ``{"use_source": bool, "fractions": {...}, "seed": int}``.
         augment: ``{name: {"enabled", "prob", bounds...}}`` for the training split.
         normalize: ``{"mean": [...], "std": [...]}`` or ``None``.
@@ -77,7 +79,7 @@ class ImageDataModule(L.LightningDataModule):
         on_bad: ``"error"`` stops at the first bad sample; ``"skip"`` drops it and reports the count.
         load_threads: threads used to read and resize files once at setup.
         seed: random state of the augmentation pipeline.
-        manifest, root: where the data lives (shared with the source by interpolation; recorded
+        manifest, root, path: where the data lives (shared with the source by interpolation; recorded
             in the run's data summary).
         name: short data-set name for reports.
     """
@@ -88,6 +90,8 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int | Sequence[int] = 64,
         channels: int = 3,
         require_mask: bool = True,
+        require_label: bool = False,
+        num_classes: int | None = None,
         splits: Mapping[str, Any] | None = None,
         augment: Mapping[str, Any] | None = None,
         normalize: Mapping[str, Sequence[float]] | None = None,
@@ -100,6 +104,7 @@ class ImageDataModule(L.LightningDataModule):
         drop_last: bool = False,
         manifest: str | None = None,
         root: str | None = None,
+        path: str | None = None,
         name: str = "data",
     ) -> None:
         super().__init__()
@@ -114,6 +119,8 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size = size
         self.channels = int(channels)
         self.require_mask = bool(require_mask)
+        self.require_label = bool(require_label)
+        self.num_classes = int(num_classes) if num_classes else None
         sp = dict(splits or {})
         self.split_cfg = {"use_source": bool(sp.get("use_source", True)),
                           "fractions": check_fractions(sp.get("fractions", {"train": 0.7, "val": 0.15, "test": 0.15})),
@@ -127,12 +134,13 @@ class ImageDataModule(L.LightningDataModule):
         self.load_threads = max(1, int(load_threads))
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
-        self.location = manifest or root
+        self.location = manifest or root or path
         self.name = name
         # Build once to fail fast on bad augmentation/normalisation keys.
+        # masks (when a split has them) always move with the image, also for classification
         self._train_tf = build_transforms(self.augment, self.channels, self.normalize, train=True,
-                                          with_mask=self.require_mask, seed=self.seed)
-        self._eval_tf = build_transforms(None, self.channels, self.normalize, train=False, with_mask=self.require_mask)
+                                          with_mask=True, seed=self.seed)
+        self._eval_tf = build_transforms(None, self.channels, self.normalize, train=False, with_mask=True)
         self._split_records: dict[str, list[Record]] | None = None
         self._split_how = ""
         self._cache: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None], list[Record]]] = {}
@@ -161,8 +169,20 @@ class ImageDataModule(L.LightningDataModule):
         return digest
 
     # -- loading ------------------------------------------------------------------------
+    def _check_label(self, rec: Record) -> None:
+        where = rec.get("where") or rec.get("path") or rec["id"]
+        label = rec.get("label")
+        if label is None:
+            if self.require_label:
+                raise DataError(f"{where}: no label, but the task needs one (check the label column)")
+            return
+        if self.num_classes is not None and not 0 <= int(label) < self.num_classes:
+            raise DataError(f"{where}: label {label} is outside [0, {self.num_classes}) "
+                            f"(data.num_classes={self.num_classes})")
+
     def _load_one(self, rec: Record) -> tuple[np.ndarray, np.ndarray | None] | DataError:
         try:
+            self._check_label(rec)
             return load_record(rec, self.image_size, self.channels, self.require_mask)
         except DataError as err:
             where = rec.get("where")
@@ -202,6 +222,8 @@ class ImageDataModule(L.LightningDataModule):
             log.warning(f"data.on_bad=skip: skipped {n_bad} bad sample(s) in split {split!r} (see splits/skipped.csv)")
         if not kept:
             raise DataError(f"split {split!r}: all {len(recs)} samples were bad and skipped")
+        if any(m is None for m in masks):
+            masks = [None] * len(masks)  # a batch carries masks only when every sample has one
         self._cache[split] = (images, masks, kept)
         return self._cache[split]
 

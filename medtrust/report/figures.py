@@ -213,3 +213,53 @@ def plot_explanation_grid(images: Sequence[np.ndarray], gts: np.ndarray | None, 
             ax.set_xticks([])
             ax.set_yticks([])
     return _save(fig, path)
+
+
+def plot_risk_coverage(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> Path:
+    """Selective prediction: error rate among the kept images against the fraction kept."""
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for name, (cov, risk) in curves.items():
+        ax.plot(cov, risk, label=name)
+    ax.set_xlabel("coverage (fraction of images kept, most confident first)")
+    ax.set_ylabel("risk (error rate)")
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("risk-coverage", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_uncertainty_hist(values: Mapping[str, np.ndarray], correct: np.ndarray, path: str | Path) -> Path:
+    """Histograms of each uncertainty measure for correct vs incorrect predictions."""
+    names = list(values)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        v = np.asarray(values[name], dtype=float)
+        bins = np.linspace(v.min(), v.max() + 1e-9, 25)
+        ax.hist(v[correct], bins=bins, alpha=0.6, label=f"correct ({correct.sum()})", density=True)
+        ax.hist(v[~correct], bins=bins, alpha=0.6, label=f"incorrect ({(~correct).sum()})", density=True)
+        ax.set_title(name, fontsize=8)
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def plot_image_grid(groups: Mapping[str, Sequence[tuple[np.ndarray, str]]], path: str | Path, title: str = "") -> Path:
+    """Rows = groups (e.g. trust quadrants), columns = example images with captions."""
+    names = [g for g in groups if groups[g]] or list(groups)
+    ncol = max([len(groups[g]) for g in names] + [1])
+    fig, axes = plt.subplots(len(names), ncol, figsize=(1.9 * ncol, 2.1 * len(names)), squeeze=False)
+    for r, g in enumerate(names):
+        for c in range(ncol):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(groups[g]):
+                img, cap = groups[g][c]
+                _show(ax, img)
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(cap, fontsize=6)
+        axes[r, 0].set_ylabel(g, fontsize=7)
+        axes[r, 0].axis("on")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -20,18 +20,19 @@ from medtrust.runs.rundir import (
     check_run_dir,
     claim_run_dir,
     find_checkpoint,
+    load_run_calibration,
     load_run_choices,
     load_run_config,
     load_weights,
 )
-from medtrust.runs.train import setup_runtime
+from medtrust.runs.train import build_task, setup_runtime
 from medtrust.utils.io import atomic_write_bytes, write_json
 from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 # Preprocessing the model was trained with; kept from the run when the data group is switched.
-PREPROCESSING_KEYS = ("image_size", "channels", "normalize", "require_mask")
+PREPROCESSING_KEYS = ("image_size", "channels", "normalize", "require_mask", "augment", "num_classes")
 
 
 def _arg_value(argv: list[str], key: str) -> str | None:
@@ -113,9 +114,8 @@ def rebuild_task(run_cfg: DictConfig, ckpt: Path, threshold: float | None = None
                  tta: list[str] | None = None) -> torch.nn.Module:
     """Instantiate the run's task from its config and load the checkpoint (``weights_only=True``);
     ``threshold``/``tta`` override the run's values when given."""
-    loss = instantiate(run_cfg.loss) if run_cfg.get("loss") else None
     extra = {"tta": list(tta)} if tta is not None else {}
-    task = instantiate(run_cfg.model, loss=loss, init_from=None, **extra)
+    task = build_task(run_cfg, init_from=None, **extra)
     load_weights(task, ckpt)
     if threshold is not None:
         task.threshold = float(threshold)
@@ -137,7 +137,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = "test" if cfg.split == "all" else str(cfg.split)
     extra = {"run_dir": str(run_dir.resolve()), "checkpoint": str(ckpt), "evaluated_split": str(cfg.split),
              "data_overrides": [o for o in HydraConfig.get().overrides.task if o.startswith("data")]}
-    result = task.evaluate_split(dm, split, out_dir, cfg.get("evaluation"), extra)
+    calibration = load_run_calibration(run_dir)
+    if calibration:
+        extra["calibration_from"] = str(run_dir / "calibration.json")
+    result = task.evaluate_split(dm, split, out_dir, cfg.get("evaluation"), extra, calibration)
+    per_split = out_dir / f"{split}_predictions.csv"
+    if per_split.exists():  # one split per evaluation folder: predictions.csv
+        per_split.rename(out_dir / "predictions.csv")
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(run_cfg.data, resolve=True).encode())
     build_run_report(out_dir, title=f"medtrust evaluation of {run_dir.name}")
     log.info(f"evaluation written to {out_dir}")

@@ -49,9 +49,13 @@ def setup_runtime(cfg: DictConfig) -> None:
 
 
 def build_task(cfg: DictConfig, **overrides: Any) -> L.LightningModule:
-    """Instantiate the task (``cfg.model``) with its loss (``cfg.loss``)."""
-    loss = instantiate(cfg.loss) if cfg.get("loss") else None
-    return instantiate(cfg.model, loss=loss, **overrides)
+    """Instantiate the task (``cfg.model``) with its loss (``cfg.loss``).
+
+    ``_convert_="all"`` hands plain lists/dicts to constructors, so saved hyperparameters hold no
+    OmegaConf objects and checkpoints load with ``weights_only=True``.
+    """
+    loss = instantiate(cfg.loss, _convert_="all") if cfg.get("loss") else None
+    return instantiate(cfg.model, loss=loss, _convert_="all", **overrides)
 
 
 def training_curves(run_dir: Path) -> Path | None:
@@ -119,9 +123,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if trainer.is_global_zero:
         extra = {"checkpoint": str(ckpt) if ckpt else None, "fit_seconds": round(fit_seconds, 1),
                  "epochs": int(trainer.current_epoch), "seed": int(cfg.seed)}
+        calibration = task.post_fit(dm, run_dir, cfg.get("evaluation"))  # e.g. temperature on val
         splits = ["val"] + (["test"] if cfg.get("test", True) and dm.has_split("test") else [])
         for split in splits:
-            results[split] = task.evaluate_split(dm, split, run_dir, cfg.get("evaluation"), extra)
+            results[split] = task.evaluate_split(dm, split, run_dir, cfg.get("evaluation"), extra, calibration)
         _log_final(loggers, results)
         training_curves(run_dir)
         report = build_run_report(run_dir, title=f"medtrust {cfg.task_name} run")

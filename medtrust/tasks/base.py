@@ -91,6 +91,11 @@ class TaskBase(L.LightningModule):
     scheduler_interval: str = "step"
     monitor: str = "val/loss"
 
+    def post_fit(self, datamodule: Any, run_dir: Path, cfg: Any = None) -> dict[str, Any] | None:
+        """Hook after training with the best weights loaded (e.g. fit temperature on validation);
+        returns what ``evaluate_split`` should receive as ``calibration`` (None = nothing)."""
+        return None
+
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:

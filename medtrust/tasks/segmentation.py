@@ -141,7 +141,7 @@ class SegmentationTask(TaskBase):
         return (out * region).flatten(1).sum(1)
 
     def evaluate_split(self, datamodule: Any, split: str, out_dir: Any, cfg: Any = None,
-                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                       extra: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
         """Full evaluation of one split into ``out_dir`` (metrics JSON/CSV and figures)."""
         from medtrust.evaluation.segmentation import evaluate_segmentation
 

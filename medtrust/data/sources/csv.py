@@ -52,11 +52,15 @@ class CsvSource:
         return f"csv({self.manifest})"
 
     def _check_columns(self, df: pd.DataFrame) -> None:
-        missing = [c for c in [self.cols["path"], *self.attr_columns] if c not in df.columns]
+        wanted = [self.cols["path"], *self.attr_columns]
+        if self.cols["label"] is not None:
+            wanted.append(self.cols["label"])  # configured label column must exist (null = unlabelled)
+        missing = [c for c in wanted if c not in df.columns]
         if missing:
             raise DataError(
                 f"{self.manifest}: missing column(s) {missing}; found {list(df.columns)} "
-                f"(set data.source.path_column / attr_columns to match)"
+                f"(set data.source.path_column / label_column / attr_columns to match; "
+                f"label_column=null for unlabelled images)"
             )
 
     def records(self) -> list[Record]:
@@ -88,6 +92,9 @@ class CsvSource:
                 label = labels[row[self.cols["label"]].strip()]
             split = normalise_split(row[self.cols["split"]], where) if has["split"] else None
             pid = row[self.cols["patient"]].strip() if has["patient"] else ""
+            if not pid and not has["split"]:
+                raise DataError(f"{where}: no patient id (column {self.cols['patient']!r}) and no split column; "
+                                "patient-level splits need a patient id on every row")
             out.append({
                 "id": path.stem, "path": str(path), "mask_path": str(mask_path) if mask_path else None,
                 "label": label, "patient_id": pid or path.stem, "split": split,

@@ -21,6 +21,8 @@ class FolderSource:
         mask_dir: masks sub-folder, or ``None`` for no masks.
         mask_suffix: text between the image stem and the mask extension.
         classes_from_subfolders: derive labels from sub-folder names.
+        require_masks: a missing mask folder is an error (segmentation); otherwise images simply
+            have no masks (e.g. unlabelled images scored by a classifier).
     """
 
     def __init__(
@@ -30,10 +32,12 @@ class FolderSource:
         mask_dir: str | None = "masks",
         mask_suffix: str = "",
         classes_from_subfolders: bool = False,
+        require_masks: bool = True,
     ) -> None:
         self.root = Path(str(root)).expanduser()
         self.image_dir, self.mask_dir, self.mask_suffix = image_dir, mask_dir, mask_suffix
         self.classes_from_subfolders = classes_from_subfolders
+        self.require_masks = require_masks
 
     def describe(self) -> str:
         return f"folder({self.root})"
@@ -51,7 +55,10 @@ class FolderSource:
         if not img_root.is_dir():
             raise DataError(f"image folder not found: {img_root} (set data.root=<folder>)")
         if self.mask_dir is not None and not (self.root / self.mask_dir).is_dir():
-            raise DataError(f"mask folder not found: {self.root / self.mask_dir} (set data.source.mask_dir, or null for none)")
+            if not self.require_masks:
+                self.mask_dir = None
+            else:
+                raise DataError(f"mask folder not found: {self.root / self.mask_dir} (set data.source.mask_dir, or null for none)")
         images = sorted(p for p in img_root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
             raise DataError(f"{img_root}: no images with extensions {IMAGE_EXTENSIONS}")

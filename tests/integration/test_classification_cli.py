@@ -1,0 +1,72 @@
+"""Classifier end to end: train (MC dropout, temperature scaling), evaluate, unlabelled images."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import SHARED_DATA, run_script, write_png
+
+pytestmark = pytest.mark.integration
+TINY_CLS = ["experiment=tmv_mc_dropout", "data.source.n_images=80", "data.source.size=32", "data.image_size=[32,32]",
+            "trainer.max_epochs=2", "model.mc_samples=4", "evaluation.bootstrap=50", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cls") / "run"
+    run_script("train.py", *TINY_CLS, f"hydra.run.dir={run}")
+    return run
+
+
+def test_classifier_run_folder(cls_run):
+    cal = json.loads((cls_run / "calibration.json").read_text())
+    assert cal["fitted_on"] == "val" and set(cal["temperatures"]) == {"deterministic", "mc_dropout"}
+    assert cal["primary_method"] == "mc_dropout" and 0 < cal["quadrant_threshold"] <= 1
+    m = json.loads((cls_run / "metrics" / "test.json").read_text())
+    assert {"auroc", "accuracy", "f1", "pr_auc", "ece", "ece_adaptive", "brier", "nll", "aurc"} <= set(m["cls"])
+    assert m["ci95"]["ece"][0] <= m["ci95"]["ece"][1]
+    assert sum(m["quadrants"]["counts"].values()) == m["n_images"]
+    methods = pd.read_csv(cls_run / "metrics" / "test_methods.csv")
+    assert set(zip(methods["method"], methods["temperature_scaled"])) == {
+        ("deterministic", False), ("deterministic", True), ("mc_dropout", False), ("mc_dropout", True)}
+    preds = pd.read_csv(cls_run / "test_predictions.csv")
+    assert {"path", "patient_id", "label", "prob_1", "entropy", "mutual_information", "variance", "quadrant"} <= set(preds)
+    assert (cls_run / "failure_cases" / "test_index.csv").is_file()
+    for f in ("reliability.png", "risk_coverage.png", "uncertainty_hist.png", "trust_quadrants.png"):
+        assert (cls_run / "figures" / "test" / f).is_file()
+
+
+def test_evaluate_reproduces_and_writes_predictions(cls_run):
+    run_script("evaluate.py", f"run_dir={cls_run}")
+    out = sorted((cls_run / "evaluations").iterdir())[-1]
+    got = json.loads((out / "metrics" / "test.json").read_text())
+    want = json.loads((cls_run / "metrics" / "test.json").read_text())
+    assert got["cls"]["auroc"] == pytest.approx(want["cls"]["auroc"], abs=1e-6)
+    assert got["temperature"] == pytest.approx(want["temperature"])
+    assert len(pd.read_csv(out / "predictions.csv")) == want["n_images"]
+
+
+def test_unlabelled_folder_gets_predictions_only(cls_run, tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_png(tmp_path / "unl" / "images" / f"x{i}.png", rng.integers(0, 255, (40, 40), dtype=np.uint8))
+    run_script("evaluate.py", f"run_dir={cls_run}", "data=folder", f"data.root={tmp_path / 'unl'}", "split=all")
+    out = sorted((cls_run / "evaluations").iterdir())[-1]
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 5 and "label" not in preds and {"prob_1", "entropy", "mutual_information"} <= set(preds)
+    res = json.loads((out / "metrics" / "test.json").read_text())
+    assert res["labelled"] is False and "cls" not in res
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED_DATA / "pediatric_pneumonia_cxr_kermany" / "manifest.csv").exists(),
+                    reason="../shared/data/pediatric_pneumonia_cxr_kermany not present")
+def test_kermany_manifest_as_it_is(tmp_path):
+    run = tmp_path / "kermany"
+    run_script("train.py", "experiment=tmv_kermany", "data.image_size=[32,32]", "trainer.max_epochs=1",
+               "model.mc_samples=2", "evaluation.bootstrap=20", "threads=1", f"hydra.run.dir={run}")
+    val = json.loads((run / "metrics" / "val.json").read_text())
+    assert val["n_images"] == 81 and 0 <= val["cls"]["auroc"] <= 1
