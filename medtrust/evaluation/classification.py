@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "uncertainty_method": "auto",  # auto | deterministic | mc_dropout | ensemble
     "calibrate": True,            # apply the temperature fitted on validation
     "quadrant_threshold": "auto",  # confidence threshold of the trust quadrants (auto = chosen on val)
-    "quadrant_target_accuracy": 0.95,
+    "quadrant_target_accuracy": 0.99,
     "n_failure_cases": 8,
     "figures": True,
 }

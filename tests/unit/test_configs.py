@@ -27,10 +27,15 @@ def cfg(*overrides: str):
 
 @pytest.mark.parametrize("model", names("model"))
 def test_every_model_builds_and_forwards_at_32px(model):
-    c = cfg(f"model={model}", "data.image_size=[32,32]")
-    task = instantiate(c.model, loss=instantiate(c.loss))
-    out = task.eval().predict_step({"image": torch.rand(2, 3, 32, 32)})
-    assert {"prob", "mask_pred"} <= set(out) and out["prob"].shape[-2:] == (32, 32)
+    cls = "classifier" in model
+    data = ["data=phantom_cxr", "loss=ce"] if cls else []
+    c = cfg(f"model={model}", *data, "data.image_size=[32,32]")
+    task = instantiate(c.model, loss=instantiate(c.loss), _convert_="all")
+    out = task.eval().predict_step({"image": torch.rand(2, c.data.channels, 32, 32)})
+    if cls:
+        assert out["prob"].shape == (2, 2) and out["member_logits"].shape[1:] == (2, 2)
+    else:
+        assert {"prob", "mask_pred"} <= set(out) and out["prob"].shape[-2:] == (32, 32)
 
 
 @pytest.mark.parametrize("loss", names("loss"))
@@ -51,8 +56,8 @@ def test_every_augment_preset_builds(preset):
 @pytest.mark.parametrize("experiment", names("experiment"))
 def test_every_experiment_composes(experiment, tmp_path):
     c = cfg(f"experiment={experiment}", f"data.root={tmp_path}" if "glassbox_" in experiment and "ph2" not in experiment else "seed=1")
-    assert c.model._target_.endswith("SegmentationTask")
-    instantiate(c.model.net)  # strides vs image size checked here
+    assert c.model._target_.endswith("ClassificationTask" if experiment.startswith("tmv_") else "SegmentationTask")
+    instantiate(c.model.net, _convert_="all")  # strides vs image size / backbone name checked here
 
 
 def test_default_config_is_the_phantom_segmenter():

@@ -83,6 +83,11 @@ def render_cxr(seed: int, index: int, size: int, pneumonia: bool, covid: bool, c
     img = img + 0.03 * _noise(rng, size, 10) + rng.normal(0, 0.01, img.shape)
 
     masks = {f: np.zeros((size, size), np.uint8) for f in FINDINGS}
+    # Findings draw from their own stream, so an image with and without a finding shares its anatomy
+    # and exposure (counterfactual pairs for audits).
+    exposure, gamma = rng.uniform(0.8, 1.2), rng.uniform(0.85, 1.15)
+    rng = _rng(seed, "cxr-finding-shapes", index)
+    severity = rng.uniform(0.15, 1.0)  # faint findings exist, so the task is not separable
     if pneumonia:
         op = np.zeros_like(img)
         for _ in range(rng.integers(1, 3)):
@@ -93,7 +98,7 @@ def render_cxr(seed: int, index: int, size: int, pneumonia: bool, covid: bool, c
             op = np.maximum(op, blob * (0.7 + 0.3 * _noise(rng, size, 16)))
         op = op * lungs
         masks["pneumonia"] = (op > 0.35).astype(np.uint8)
-        img = img + 0.28 * contrast * op
+        img = img + 0.25 * contrast * severity * op
     if covid:
         gg = np.zeros_like(img)
         for side in (-1, 1):
@@ -102,9 +107,7 @@ def render_cxr(seed: int, index: int, size: int, pneumonia: bool, covid: bool, c
             gg = np.maximum(gg, blob)
         gg = gg * lungs * (0.6 + 0.4 * np.abs(_noise(rng, size, 24)))
         masks["covid"] = (gg > 0.3).astype(np.uint8)
-        img = img + 0.18 * contrast * gg
-    exposure = rng.uniform(0.8, 1.2)
-    gamma = rng.uniform(0.85, 1.15)
+        img = img + 0.18 * contrast * severity * gg
     img = np.clip(img * exposure, 0, 1) ** gamma
     return (img * 255 + 0.5).astype(np.uint8), masks
 

@@ -72,3 +72,13 @@ def test_bootstrap_ci_brackets_the_estimate():
     x = torch.randn(500) + 1
     lo, hi = bootstrap_ci(lambda a: float(a.mean()), x, n_boot=300)
     assert lo < float(x.mean()) < hi and hi - lo < 0.3
+
+
+def test_quadrant_threshold_is_the_lowest_reaching_the_target_accuracy():
+    from medtrust.evaluation.classification import choose_quadrant_threshold
+
+    conf = torch.tensor([0.99, 0.95, 0.9, 0.8, 0.7, 0.6])
+    correct = torch.tensor([True, True, True, False, True, False])
+    assert choose_quadrant_threshold(conf, correct, 1.0) == pytest.approx(0.9)
+    assert choose_quadrant_threshold(conf, correct, 0.8) == pytest.approx(0.7)  # 4/5 correct down to 0.7
+    assert choose_quadrant_threshold(conf, ~correct, 0.99) == pytest.approx(float(conf.median()))  # fallback
