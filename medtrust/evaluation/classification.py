@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "quadrant_target_accuracy": 0.99,
     "n_failure_cases": 8,
     "figures": True,
+    "mc_seed": 0,                 # MC-dropout masks are drawn from this seed: evaluation is reproducible
 }
 QUADRANTS = ("correct_confident", "correct_uncertain", "incorrect_confident", "incorrect_uncertain")
 CALIBRATION_FILE = "calibration.json"
@@ -44,8 +45,18 @@ def _cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def collect(task: torch.nn.Module, datamodule: Any, split: str) -> dict[str, Any]:
-    """Member logits (M×N×C), MC-dropout logits (T×N×C or None), labels (N or None), records."""
+def collect(task: torch.nn.Module, datamodule: Any, split: str, seed: int = 0) -> dict[str, Any]:
+    """Member logits (M×N×C), MC-dropout logits (T×N×C or None), labels (N or None), records.
+
+    The MC-dropout masks come from ``seed`` (the global RNG is forked and restored), so train.py's
+    final evaluation and a later evaluate.py give the same numbers.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _collect(task, datamodule, split)
+
+
+def _collect(task: torch.nn.Module, datamodule: Any, split: str) -> dict[str, Any]:
     device = next(task.parameters()).device
     was = task.training
     task.eval()
@@ -109,7 +120,7 @@ def fit_calibration(task: torch.nn.Module, datamodule: Any, run_dir: str | Path,
     """Fit one temperature per uncertainty method (LBFGS on validation NLL) and the trust-quadrant
     confidence threshold on validation; write ``calibration.json``."""
     c = _cfg(cfg)
-    coll = collect(task, datamodule, "val")
+    coll = collect(task, datamodule, "val", int(c["mc_seed"]))
     if coll["labels"] is None:
         raise ValueError("temperature scaling needs labelled validation data")
     labels = coll["labels"]
@@ -141,7 +152,7 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
     failure cases and figures; without labels only predictions are written."""
     c = _cfg(cfg)
     out_dir = Path(out_dir)
-    coll = collect(task, datamodule, split)
+    coll = collect(task, datamodule, split, int(c["mc_seed"]))
     methods = method_logits(task, coll)
     temps = dict((calibration or {}).get("temperatures", {}))
     primary = (calibration or {}).get("primary_method") or primary_method(methods, str(c["uncertainty_method"]))
