@@ -13,12 +13,12 @@ performance gap of known size can be injected. Image *i* depends only on ``(seed
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
 
+from medtrust.data.phantoms import patient_of_image, seeded_rng
 from medtrust.data.records import Record
 
 FINDINGS = ("pneumonia", "covid")
@@ -29,9 +29,7 @@ DEFAULT_ATTRS: dict[str, dict[str, float]] = {
 }
 
 
-def _rng(*keys: object) -> np.random.Generator:
-    digest = hashlib.sha256(":".join(map(str, keys)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+_rng = seeded_rng
 
 
 def _noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -173,15 +171,11 @@ class PhantomCxrSource:
         return attrs, contrast, float(rng.uniform(0.85, 1.15))
 
     def records(self) -> list[Record]:
-        group = _rng(self.seed, "cxr-groups")
+        patients = patient_of_image(self.n_images, self.max_per_patient, self.seed, "cxr-groups")
         out: list[Record] = []
-        p, left = -1, 0
-        for i in range(self.n_images):
-            if left == 0:
-                p += 1
-                left = int(group.integers(1, self.max_per_patient + 1))
+        for i, p in enumerate(patients):
+            if i == 0 or p != patients[i - 1]:
                 attrs, contrast, scale = self._patient(p)
-            left -= 1
             frng = _rng(self.seed, "cxr-findings", i)
             has = {f: bool(frng.uniform() < float(self.prev.get(f, 0))) for f in FINDINGS}
             img, masks = render_cxr(self.seed, i, self.size, has["pneumonia"], has["covid"], contrast, scale)

@@ -12,7 +12,6 @@ circular vignette.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter, zoom
 
+from medtrust.data.phantoms import patient_of_image, seeded_rng
 from medtrust.data.records import Record
 
 # Skin base colours (RGB, 0-1) for six Fitzpatrick-like groups, light to dark.
@@ -34,9 +34,7 @@ PIGMENTS = np.array([
 ])
 
 
-def _rng(*keys: object) -> np.random.Generator:
-    digest = hashlib.sha256(":".join(map(str, keys)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+_rng = seeded_rng
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -238,13 +236,10 @@ class PhantomDermSource:
 
     def records(self) -> list[Record]:
         """Render all images and return their records (with in-memory arrays)."""
-        group_rng = _rng(self.seed, "derm-patients")
+        patients = patient_of_image(self.n_images, self.max_per_patient, self.seed, "derm-patients")
         out: list[Record] = []
-        patient, left = -1, 0
-        for i in range(self.n_images):
-            if left == 0:
-                patient += 1
-                left = int(group_rng.integers(1, self.max_per_patient + 1))
+        for i, patient in enumerate(patients):
+            if i == 0 or patient != patients[i - 1]:
                 prng = _rng(self.seed, "derm-patient", patient)
                 tone = str(prng.choice(self.tones, p=self.tone_p))
                 attrs = {
@@ -252,7 +247,6 @@ class PhantomDermSource:
                     "sex": str(prng.choice(["F", "M"])),
                     "age_group": str(prng.choice(["<40", "40-60", ">60"])),
                 }
-            left -= 1
             img, mask, info = render_derm(self.seed, i, self.size, skin_tone=tone, **self.render_kwargs)
             label = int(info["multicolour"] or info["irregularity"] > 0.3)
             out.append({
