@@ -65,3 +65,12 @@ def test_default_config_is_the_phantom_segmenter():
     assert c.data.source._target_.endswith("PhantomDermSource") and c.loss._target_ == "monai.losses.DiceLoss"
     assert c.task_name == "segmentation" and c.optimized_metric == "val/seg/dice"
     assert Path(c.paths.root_dir) == PROJECT_ROOT
+
+
+@pytest.mark.parametrize("data", names("data"))
+def test_every_data_config_instantiates(data, tmp_path):
+    required = {"csv": "data.manifest", "chexpert": "data.manifest", "isic2018": "data.root", "folder": "data.root",
+                "nih_chestxray14": "data.root", "medmnist": "data.path"}
+    extra = [f"{required[data]}={tmp_path}"] if data in required else []
+    dm = instantiate(cfg(f"data={data}", *extra).data)
+    assert dm.channels in (1, 3) and hasattr(dm.source, "records")
