@@ -112,3 +112,31 @@ class EnsembleClassifier(nn.Module):
         """Log of the mean member probability (so softmax of the output is the ensemble mean)."""
         return torch.logsumexp(torch.log_softmax(self.member_logits(x), -1), 0) - torch.log(
             torch.tensor(float(len(self.members))))
+
+
+class RunEnsemble(nn.Module):
+    """Deep ensemble assembled from separately trained classifiers (e.g. M run folders).
+
+    Args:
+        nets: trained classifiers with ``member_logits`` (each may itself be an ensemble).
+
+    Raises:
+        ValueError: fewer than two networks, or networks with different numbers of classes.
+    """
+
+    def __init__(self, nets: list[nn.Module]) -> None:
+        super().__init__()
+        if len(nets) < 2:
+            raise ValueError(f"an ensemble needs at least 2 networks, got {len(nets)}")
+        classes = [getattr(n, "num_classes", None) for n in nets]
+        if len(set(classes)) != 1:
+            raise ValueError(f"ensemble members disagree on the number of classes: {classes}")
+        self.members = nn.ModuleList(nets)
+        self.num_classes = classes[0]
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.member_logits(x) for m in self.members])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.member_logits(x)
+        return torch.logsumexp(torch.log_softmax(m, -1), 0) - torch.log(torch.tensor(float(m.shape[0])))

@@ -33,6 +33,8 @@ log = get_logger(__name__)
 
 # Preprocessing the model was trained with; kept from the run when the data group is switched.
 PREPROCESSING_KEYS = ("image_size", "channels", "normalize", "require_mask", "augment", "num_classes")
+# What runs must share to be compared or ensembled (training augmentation may differ).
+COMPARABLE_KEYS = ("image_size", "channels", "normalize", "num_classes")
 
 
 def _arg_value(argv: list[str], key: str) -> str | None:
@@ -54,9 +56,11 @@ def prepare_argv(argv: list[str], multi: bool = True) -> list[str]:
         RunDirError: a run folder is missing or is not a medtrust run.
     """
     run_dir, run_dirs = _arg_value(argv, "run_dir"), _arg_value(argv, "run_dirs")
+    ens = _arg_value(argv, "ensemble_runs")
     runs = [run_dir] if run_dir not in (None, "null") else []
-    if run_dirs not in (None, "null"):
-        runs += _parse_list(str(run_dirs))
+    for many in (run_dirs, ens):
+        if many not in (None, "null"):
+            runs += _parse_list(str(many))
     if any(a.startswith(("-h", "--help", "--cfg", "--info")) for a in argv[1:]):
         return argv
     if not runs:
@@ -128,6 +132,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     setup_runtime(cfg)
     if cfg.get("run_dirs"):
         return compare(cfg, out_dir)
+    if cfg.get("ensemble_runs"):
+        return evaluate_run_ensemble(cfg, out_dir)
     run_dir = check_run_dir(cfg.run_dir)
     claim_run_dir(out_dir, {"kind": "evaluation", "run_dir": str(run_dir.resolve())})
     run_cfg = data_config_for(run_dir, cfg)
@@ -147,6 +153,48 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(run_cfg.data, resolve=True).encode())
     build_run_report(out_dir, title=f"medtrust evaluation of {run_dir.name}")
     log.info(f"evaluation written to {out_dir}")
+    return result
+
+
+def _same_preprocessing(runs: list[Path], base: DictConfig) -> None:
+    """Raise unless every run was trained with the preprocessing of ``base.data``."""
+    for r in runs:
+        other = load_run_config(r).data
+        for k in COMPARABLE_KEYS:
+            a = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(base.data, k)}), resolve=True)
+            b = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(other, k)}), resolve=True)
+            if a != b:
+                raise RunDirError(f"runs differ in data.{k}: {runs[0]} has {a['v']}, {r} has {b['v']}; "
+                                  "only runs trained with the same preprocessing can be compared or ensembled")
+
+
+def evaluate_run_ensemble(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Deep ensemble assembled from M classifier run folders (``ensemble_runs=[...]``): members
+    must share input size, channels, normalisation and classes; a temperature for the ensemble is
+    fitted on the validation split and everything is written like a single run's evaluation."""
+    from medtrust.nets.classifier import RunEnsemble
+
+    runs = [check_run_dir(r, "ensemble_runs") for r in cfg.ensemble_runs]
+    claim_run_dir(out_dir, {"kind": "ensemble", "ensemble_runs": [str(r.resolve()) for r in runs]})
+    base = data_config_for(runs[0], cfg)
+    _same_preprocessing(runs[1:], base)
+    tasks = []
+    for r in runs:
+        run_cfg = load_run_config(r)
+        run_cfg.data = base.data
+        tasks.append(rebuild_task(run_cfg, find_checkpoint(r, str(cfg.checkpoint))))
+    if any(getattr(t, "task_name", "") != "classification" for t in tasks):
+        raise RunDirError("ensemble_runs must all be classification runs")
+    head = tasks[0]
+    head.net = RunEnsemble([t.net for t in tasks])
+    head.mc_samples = 0
+    dm = instantiate(base.data)
+    calibration = head.post_fit(dm, out_dir, cfg.get("evaluation"))
+    split = "test" if cfg.split == "all" else str(cfg.split)
+    extra = {"ensemble_runs": [str(r) for r in runs], "checkpoint": str(cfg.checkpoint)}
+    result = head.evaluate_split(dm, split, out_dir, cfg.get("evaluation"), extra, calibration)
+    build_run_report(out_dir, title=f"medtrust ensemble of {len(runs)} runs")
+    log.info(f"ensemble evaluation written to {out_dir}")
     return result
 
 
@@ -170,14 +218,7 @@ def compare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     runs = [check_run_dir(r, "run_dirs") for r in cfg.run_dirs]
     claim_run_dir(out_dir, {"kind": "comparison", "run_dirs": [str(r.resolve()) for r in runs]})
     base_cfg = data_config_for(runs[0], cfg)
-    for r in runs[1:]:
-        other = load_run_config(r).data
-        for k in PREPROCESSING_KEYS:
-            a, b = OmegaConf.select(base_cfg.data, k), OmegaConf.select(other, k)
-            if OmegaConf.to_container(OmegaConf.create({"v": a}), resolve=True) != \
-                    OmegaConf.to_container(OmegaConf.create({"v": b}), resolve=True):
-                raise RunDirError(f"runs differ in data.{k}: {runs[0]} has {a}, {r} has {b}; "
-                                  "compare runs trained with the same preprocessing")
+    _same_preprocessing(runs[1:], base_cfg)
     dm = instantiate(base_cfg.data)
     split = "test" if cfg.split == "all" else str(cfg.split)
     rows, preds, dices, taken = [], {}, {}, set()

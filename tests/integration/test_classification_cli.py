@@ -70,3 +70,18 @@ def test_kermany_manifest_as_it_is(tmp_path):
                "model.mc_samples=2", "evaluation.bootstrap=20", "threads=1", f"hydra.run.dir={run}")
     val = json.loads((run / "metrics" / "val.json").read_text())
     assert val["n_images"] == 81 and 0 <= val["cls"]["auroc"] <= 1
+
+
+def test_ensemble_assembled_from_run_folders_and_mismatch_refused(cls_run, tmp_path):
+    other = tmp_path / "other"
+    run_script("train.py", *TINY_CLS, "seed=7", f"hydra.run.dir={other}")
+    out = tmp_path / "ens"
+    run_script("evaluate.py", f"ensemble_runs=[{cls_run},{other}]", f"hydra.run.dir={out}")
+    res = json.loads((out / "metrics" / "test.json").read_text())
+    assert res["method"] == "ensemble" and len(res["ensemble_runs"]) == 2
+    assert "ensemble" in json.loads((out / "calibration.json").read_text())["temperatures"]
+    bigger = tmp_path / "bigger"
+    run_script("train.py", *TINY_CLS, "data.image_size=[40,40]", f"hydra.run.dir={bigger}")
+    proc = run_script("evaluate.py", f"ensemble_runs=[{cls_run},{bigger}]", f"hydra.run.dir={tmp_path / 'bad'}",
+                      check=False)
+    assert proc.returncode != 0 and "runs differ in data.image_size" in proc.stderr
