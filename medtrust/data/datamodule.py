@@ -76,6 +76,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for val/test/predict.
         num_workers: DataLoader workers (0 = main process).
+        balanced_sampling: draw training samples with weights 1 / class frequency (labels needed).
         on_bad: ``"error"`` stops at the first bad sample; ``"skip"`` drops it and reports the count.
         load_threads: threads used to read and resize files once at setup.
         seed: random state of the augmentation pipeline.
@@ -102,6 +103,7 @@ class ImageDataModule(L.LightningDataModule):
         load_threads: int = 2,
         seed: int = 0,
         drop_last: bool = False,
+        balanced_sampling: bool = False,
         manifest: str | None = None,
         root: str | None = None,
         path: str | None = None,
@@ -134,6 +136,7 @@ class ImageDataModule(L.LightningDataModule):
         self.load_threads = max(1, int(load_threads))
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.balanced_sampling = bool(balanced_sampling)
         self.location = manifest or root or path
         self.name = name
         # Build once to fail fast on bad augmentation/normalisation keys.
@@ -244,8 +247,17 @@ class ImageDataModule(L.LightningDataModule):
         """Loader for ``split``; ``train`` enables shuffling and augmentation."""
         ds = self.dataset(split, augment=train)
         gen = torch.Generator().manual_seed(self.seed)
+        sampler = None
+        if train and self.balanced_sampling:
+            labels = [r.get("label") for r in ds.records]
+            if any(lab is None for lab in labels):
+                raise DataError("data.balanced_sampling=true needs a label on every training image")
+            counts = np.bincount(labels)
+            weights = torch.tensor([1.0 / counts[lab] for lab in labels], dtype=torch.double)
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=gen)
         return DataLoader(
-            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and self.drop_last and len(ds) > self.batch_size, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, generator=gen,
         )

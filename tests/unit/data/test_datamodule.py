@@ -47,3 +47,16 @@ def test_eval_loader_is_not_augmented_and_keeps_order():
 def test_bad_settings(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ImageDataModule(PhantomDermSource(n_images=4, size=16), **kw)
+
+
+def test_balanced_sampling_evens_out_classes():
+    from medtrust.data.phantoms.cxr import PhantomCxrSource
+
+    def share(balanced):
+        dm = ImageDataModule(PhantomCxrSource(n_images=120, size=16, prevalence={"pneumonia": 0.15}), image_size=16,
+                             channels=1, require_mask=False, num_classes=2, batch_size=1000,
+                             balanced_sampling=balanced, splits={"fractions": {"train": 1.0}})
+        labels = torch.cat([b["label"] for _ in range(5) for b in dm.train_dataloader()])
+        return labels.float().mean().item()
+
+    assert share(False) < 0.3 and 0.4 < share(True) < 0.6
