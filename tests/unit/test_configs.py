@@ -38,11 +38,18 @@ def test_every_model_builds_and_forwards_at_32px(model):
         assert {"prob", "mask_pred"} <= set(out) and out["prob"].shape[-2:] == (32, 32)
 
 
+CLASSIFICATION_LOSSES = {"ce", "focal"}
+
+
 @pytest.mark.parametrize("loss", names("loss"))
 def test_every_loss_is_differentiable(loss):
     fn = instantiate(cfg(f"loss={loss}").loss)
-    logits = torch.randn(2, 1, 8, 8, requires_grad=True)
-    value = fn(logits, (torch.rand(2, 1, 8, 8) > 0.5).float())
+    if loss in CLASSIFICATION_LOSSES:  # logits B x C, integer labels B
+        logits = torch.randn(4, 2, requires_grad=True)
+        value = fn(logits, torch.tensor([0, 1, 1, 0]))
+    else:  # segmentation: logits B x 1 x H x W, binary masks
+        logits = torch.randn(2, 1, 8, 8, requires_grad=True)
+        value = fn(logits, (torch.rand(2, 1, 8, 8) > 0.5).float())
     value.backward()
     assert value.ndim == 0 and logits.grad is not None
 
