@@ -18,7 +18,7 @@ import torch
 from monai.data import DataLoader
 from torch.utils.data import Dataset
 
-from medtrust.data.records import SPLITS, DataError, Record, load_record
+from medtrust.data.records import ALL_SPLITS, DataError, Record, load_record
 from medtrust.data.splits import check_fractions, make_splits, write_splits
 from medtrust.data.transforms import build_transforms, denormalize
 from medtrust.utils.logging import get_logger
@@ -70,7 +70,9 @@ class ImageDataModule(L.LightningDataModule):
         require_mask: every sample must have a mask (segmentation).
         require_label: every sample must have a label (classification training/evaluation).
         num_classes: labels must lie in ``[0, num_classes)`` when given.
-        splits: ``{"use_source": bool, "fractions": {...}, "seed": int}``.
+        splits: ``{"use_source": bool, "fractions": {...}, "seed": int, "calibration_fraction": float}``;
+            ``calibration_fraction`` > 0 moves that share of the training patients into a ``cal``
+            split, on which temperature scaling is fitted instead of on ``val``.
         augment: ``{name: {"enabled", "prob", bounds...}}`` for the training split.
         normalize: ``{"mean": [...], "std": [...]}`` or ``None``.
         batch_size: training batch size.
@@ -126,7 +128,8 @@ class ImageDataModule(L.LightningDataModule):
         sp = dict(splits or {})
         self.split_cfg = {"use_source": bool(sp.get("use_source", True)),
                           "fractions": check_fractions(sp.get("fractions", {"train": 0.7, "val": 0.15, "test": 0.15})),
-                          "seed": int(sp.get("seed", 0))}
+                          "seed": int(sp.get("seed", 0)),
+                          "calibration_fraction": float(sp.get("calibration_fraction", 0.0))}
         self.augment = {k: dict(v) for k, v in (augment or {}).items()}
         self.normalize = ({"mean": list(normalize["mean"]), "std": list(normalize["std"])} if normalize else None)
         self.batch_size = int(batch_size)
@@ -157,7 +160,8 @@ class ImageDataModule(L.LightningDataModule):
             if not records:
                 raise DataError(f"{self.source.describe()}: the source yielded no records")
             self._split_records, self._split_how = make_splits(
-                records, self.split_cfg["fractions"], self.split_cfg["seed"], self.split_cfg["use_source"])
+                records, self.split_cfg["fractions"], self.split_cfg["seed"], self.split_cfg["use_source"],
+                self.split_cfg["calibration_fraction"])
         return self._split_records
 
     def write_splits(self, out_dir: str | Path) -> str:
@@ -198,8 +202,8 @@ class ImageDataModule(L.LightningDataModule):
         Raises:
             DataError: a bad sample (under ``on_bad=error``) or an empty split.
         """
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in ALL_SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {ALL_SPLITS}")
         if split in self._cache:
             return self._cache[split]
         recs = self.split_records[split]

@@ -23,6 +23,8 @@ SPLIT_ALIASES = {
     "test": "test", "testing": "test", "holdout": "test",
 }
 SPLITS = ("train", "val", "test")
+# "cal": an optional calibration split carved out of train (data.splits.calibration_fraction)
+ALL_SPLITS = (*SPLITS, "cal")
 
 
 class DataError(ValueError):

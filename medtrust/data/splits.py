@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medtrust.data.records import SPLITS, DataError, Record
+from medtrust.data.records import ALL_SPLITS, SPLITS, DataError, Record
 from medtrust.utils.io import atomic_write_bytes, write_json
 
 
@@ -85,13 +85,30 @@ def check_patient_overlap(split_records: Mapping[str, Sequence[Record]]) -> None
         )
 
 
+def carve_calibration(train: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Move a ``fraction`` of the training *patients* into a calibration split.
+
+    The choice hashes ``(seed, "cal", patient_id)``, so it is deterministic, patient-level, stable
+    as data grows, and independent of the train/val/test assignment. Returns ``(train, cal)``.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"data.splits.calibration_fraction must be in [0, 1), got {fraction}")
+    train_out, cal = [], []
+    for r in train:
+        (cal if patient_unit_interval(seed, f"cal:{r['patient_id']}") < fraction else train_out).append(r)
+    return train_out, cal
+
+
 def make_splits(
-    records: Sequence[Record], fractions: Mapping[str, float], seed: int, use_source: bool = True
+    records: Sequence[Record], fractions: Mapping[str, float], seed: int, use_source: bool = True,
+    calibration_fraction: float = 0.0,
 ) -> tuple[dict[str, list[Record]], str]:
-    """Split records into train/val/test.
+    """Split records into train/val/test (and ``cal`` when ``calibration_fraction`` > 0).
 
     Official splits (every record has ``split``) are kept when ``use_source``; otherwise splits
-    are computed per patient. Records with only some ``split`` values set are an error.
+    are computed per patient. Records with only some ``split`` values set are an error. A
+    calibration split (for temperature scaling on data the model neither trained on nor was
+    selected on) is carved from the training patients in either case.
 
     Returns:
         ``(split -> records, how)`` where ``how`` is ``"source"`` or ``"patient_hash"``.
@@ -112,6 +129,12 @@ def make_splits(
         for r in records:
             out[assign[r["patient_id"]]].append(r)
         how = "patient_hash"
+    if calibration_fraction > 0:
+        out["train"], out["cal"] = carve_calibration(out["train"], float(calibration_fraction), seed)
+        if not out["cal"] or not out["train"]:
+            raise DataError(f"data.splits.calibration_fraction={calibration_fraction} left "
+                            f"{len(out['train'])} train and {len(out['cal'])} calibration images; "
+                            "both need at least one (more patients or another fraction)")
     check_patient_overlap(out)
     return out, how
 
@@ -121,7 +144,7 @@ def splits_frame(split_records: Mapping[str, Sequence[Record]]) -> pd.DataFrame:
     rows = [
         {"split": s, "id": r["id"], "patient_id": r["patient_id"], "path": r.get("path"),
          "mask_path": r.get("mask_path"), "label": r.get("label")}
-        for s in SPLITS for r in split_records.get(s, [])
+        for s in ALL_SPLITS for r in split_records.get(s, [])
     ]
     return pd.DataFrame(rows, columns=["split", "id", "patient_id", "path", "mask_path", "label"])
 

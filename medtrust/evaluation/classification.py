@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "bootstrap": 1000,            # resamples for the ECE/AUROC confidence intervals
     "uncertainty_method": "auto",  # auto | deterministic | mc_dropout | ensemble
     "calibrate": True,            # apply the temperature fitted on validation
+    "calibration_split": "auto",  # auto (cal when present, else val) | val | cal
     "quadrant_threshold": "auto",  # confidence threshold of the trust quadrants (auto = chosen on val)
     "quadrant_target_accuracy": 0.99,
     "n_failure_cases": 8,
@@ -116,13 +117,27 @@ def choose_quadrant_threshold(conf: torch.Tensor, correct: torch.Tensor, target_
     return float(conf[order][int(ok[-1])])
 
 
+def calibration_split(datamodule: Any, choice: str) -> str:
+    """Split that temperature scaling and the quadrant threshold are fitted on: ``auto`` takes the
+    carved-out calibration split ``cal`` when the data has one, else ``val``."""
+    if choice == "auto":
+        return "cal" if datamodule.has_split("cal") else "val"
+    if choice not in ("val", "cal"):
+        raise ValueError(f"evaluation.calibration_split must be auto, val or cal, got {choice!r}")
+    if not datamodule.has_split(choice):
+        raise ValueError(f"evaluation.calibration_split={choice} but the data has no {choice!r} split "
+                         "(set data.splits.calibration_fraction > 0 to carve one from train)")
+    return choice
+
+
 def fit_calibration(task: torch.nn.Module, datamodule: Any, run_dir: str | Path, cfg: Any = None) -> dict[str, Any]:
     """Fit one temperature per uncertainty method (LBFGS on validation NLL) and the trust-quadrant
     confidence threshold on validation; write ``calibration.json``."""
     c = _cfg(cfg)
-    coll = collect(task, datamodule, "val", int(c["mc_seed"]))
+    split = calibration_split(datamodule, str(c["calibration_split"]))
+    coll = collect(task, datamodule, split, int(c["mc_seed"]))
     if coll["labels"] is None:
-        raise ValueError("temperature scaling needs labelled validation data")
+        raise ValueError(f"temperature scaling needs labelled images in split {split!r}")
     labels = coll["labels"]
     methods = method_logits(task, coll)
     temps = {m: fit_temperature(s, labels) for m, s in methods.items()}
@@ -133,11 +148,11 @@ def fit_calibration(task: torch.nn.Module, datamodule: Any, run_dir: str | Path,
     thr = c["quadrant_threshold"]
     thr = choose_quadrant_threshold(conf, pred == labels, float(c["quadrant_target_accuracy"])) \
         if thr in (None, "auto") else float(thr)
-    out = {"fitted_on": "val", "n_val": len(labels), "temperatures": temps, "primary_method": primary,
+    out = {"fitted_on": split, "n_images": len(labels), "temperatures": temps, "primary_method": primary,
            "calibrated": bool(c["calibrate"]), "quadrant_threshold": thr,
            "quadrant_target_accuracy": float(c["quadrant_target_accuracy"])}
     write_json(Path(run_dir) / CALIBRATION_FILE, out)
-    log.info(f"calibration on val: temperatures {temps}, primary {primary}, quadrant threshold {thr:.3f}")
+    log.info(f"calibration on {split} ({len(labels)} images): temperatures {temps}, primary {primary}, quadrant threshold {thr:.3f}")
     return out
 
 

@@ -17,13 +17,15 @@ TINY_CLS = ["experiment=tmv_mc_dropout", "data.source.n_images=80", "data.source
 @pytest.fixture(scope="module")
 def cls_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("cls") / "run"
-    run_script("train.py", *TINY_CLS, f"hydra.run.dir={run}")
+    run_script("train.py", *TINY_CLS, "data.splits.calibration_fraction=0.25", f"hydra.run.dir={run}")
     return run
 
 
 def test_classifier_run_folder(cls_run):
     cal = json.loads((cls_run / "calibration.json").read_text())
-    assert cal["fitted_on"] == "val" and set(cal["temperatures"]) == {"deterministic", "mc_dropout"}
+    assert cal["fitted_on"] == "cal" and set(cal["temperatures"]) == {"deterministic", "mc_dropout"}
+    splits = pd.read_csv(cls_run / "splits" / "splits.csv")
+    assert cal["n_images"] == (splits["split"] == "cal").sum() > 0
     assert cal["primary_method"] == "mc_dropout" and 0 < cal["quadrant_threshold"] <= 1
     m = json.loads((cls_run / "metrics" / "test.json").read_text())
     assert {"auroc", "accuracy", "f1", "pr_auc", "ece", "ece_adaptive", "brier", "nll", "aurc"} <= set(m["cls"])

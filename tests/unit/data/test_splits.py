@@ -74,3 +74,28 @@ def test_written_split_has_hash_that_tracks_content(tmp_path):
     assert h1 == h2 != h3
     info = json.loads((tmp_path / "a" / "splits.json").read_text())
     assert info["sha256"] == h1 and sum(v["images"] for v in info["counts"].values()) == 60
+
+
+def test_calibration_split_is_carved_from_train_patients_only():
+    base, _ = make_splits(recs(300, per=2), FR, seed=3, use_source=False)
+    out, _ = make_splits(recs(300, per=2), FR, seed=3, use_source=False, calibration_fraction=0.2)
+    assert out["val"] == base["val"] and out["test"] == base["test"]  # val/test untouched
+    train_p = {r["patient_id"] for r in base["train"]}
+    cal_p = {r["patient_id"] for r in out["cal"]}
+    assert cal_p < train_p and not cal_p & {r["patient_id"] for r in out["train"]}
+    assert 0.12 < len(cal_p) / len(train_p) < 0.28
+    # deterministic, and stable as patients are added
+    again, _ = make_splits(recs(300, per=2), FR, seed=3, use_source=False, calibration_fraction=0.2)
+    assert again["cal"] == out["cal"]
+    more, _ = make_splits(recs(600, per=2), FR, seed=3, use_source=False, calibration_fraction=0.2)
+    assert cal_p <= {r["patient_id"] for r in more["cal"]}
+
+
+def test_calibration_split_from_an_official_split_and_bad_fraction():
+    rs = recs(40, per=1, split="train") + recs(5, per=1, split="val", start=40)
+    out, how = make_splits(rs, FR, 0, calibration_fraction=0.25)
+    assert how == "source" and len(out["cal"]) + len(out["train"]) == 40 and out["cal"] and len(out["val"]) == 5
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        make_splits(rs, FR, 0, calibration_fraction=1.0)
+    with pytest.raises(DataError, match="calibration_fraction"):
+        make_splits(recs(1, per=1, split="train"), FR, 0, calibration_fraction=0.01)

@@ -82,3 +82,22 @@ def test_quadrant_threshold_is_the_lowest_reaching_the_target_accuracy():
     assert choose_quadrant_threshold(conf, correct, 1.0) == pytest.approx(0.9)
     assert choose_quadrant_threshold(conf, correct, 0.8) == pytest.approx(0.7)  # 4/5 correct down to 0.7
     assert choose_quadrant_threshold(conf, ~correct, 0.99) == pytest.approx(float(conf.median()))  # fallback
+
+
+def test_calibration_split_choice():
+    from medtrust.evaluation.classification import calibration_split
+
+    class DM:
+        def __init__(self, splits):
+            self.splits = splits
+
+        def has_split(self, s):
+            return s in self.splits
+
+    assert calibration_split(DM({"train", "val"}), "auto") == "val"
+    assert calibration_split(DM({"train", "val", "cal"}), "auto") == "cal"
+    assert calibration_split(DM({"train", "val", "cal"}), "val") == "val"
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        calibration_split(DM({"train", "val"}), "cal")
+    with pytest.raises(ValueError, match="evaluation.calibration_split"):
+        calibration_split(DM({"val"}), "test")
