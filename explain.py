@@ -1,4 +1,5 @@
-"""Explain a trained run: ``python explain.py run_dir=<run> [xai=segmentation] [split=test] [n_images=6]``."""
+"""Explain a trained run: ``python explain.py run_dir=<run> [xai=<suite>] [split=test] [n_images=6]``
+(the xai suite defaults to the run's task: ``segmentation`` or ``classification``)."""
 from __future__ import annotations
 
 import sys
@@ -21,7 +22,7 @@ if __name__ == "__main__":
     from medtrust.runs.rundir import RunDirError
 
     try:
-        sys.argv = prepare_argv(sys.argv, multi=False)
+        sys.argv = prepare_argv(sys.argv, multi=False, choose_xai=True)
     except RunDirError as err:
         sys.exit(f"explain.py: {err}")
     main()

@@ -189,9 +189,25 @@ def plot_heatmaps(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray], 
     return _save(fig, path)
 
 
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, path: str | Path, alpha: float = 0.5) -> Path:
+    """One image with its heatmap (jet, ``alpha``) as a PNG at the image's own resolution."""
+    from PIL import Image
+
+    img = np.asarray(image, dtype=float)
+    img = np.repeat(img, 3, -1) if img.shape[-1] == 1 else img
+    heat = plt.get_cmap("jet")(_norm_map(heatmap))[..., :3]
+    out = np.clip((1 - alpha) * img + alpha * heat, 0, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((out * 255 + 0.5).astype(np.uint8)).save(path)
+    return path
+
+
 def plot_explanation_grid(images: Sequence[np.ndarray], gts: np.ndarray | None, preds: np.ndarray,
-                          maps: Mapping[str, np.ndarray], path: str | Path, ids: Sequence[str]) -> Path:
-    """GlassBox comparison grid: per image (row) the image, mask, prediction and every method."""
+                          maps: Mapping[str, np.ndarray], path: str | Path, ids: Sequence[str],
+                          captions: Sequence[str] | None = None) -> Path:
+    """GlassBox comparison grid: per image (row) the image, mask, prediction and every method.
+    ``captions`` (e.g. a classifier's probability and label) title the prediction panels."""
     names = list(maps)
     n, m = len(images), 3 + len(names)
     fig, axes = plt.subplots(n, m, figsize=(1.7 * m, 1.8 * n), squeeze=False)
@@ -200,6 +216,8 @@ def plot_explanation_grid(images: Sequence[np.ndarray], gts: np.ndarray | None, 
         axes[i, 0].set_title(ids[i], fontsize=6)
         axes[i, 1].imshow(gts[i] if gts is not None else np.zeros_like(preds[i]), cmap="gray", vmin=0, vmax=1)
         axes[i, 2].imshow(preds[i], cmap="gray", vmin=0, vmax=1)
+        if captions is not None:
+            axes[i, 2].set_title(captions[i], fontsize=6)
         for j, name in enumerate(names):
             ax = axes[i, 3 + j]
             _show(ax, images[i])
@@ -208,6 +226,8 @@ def plot_explanation_grid(images: Sequence[np.ndarray], gts: np.ndarray | None, 
                 ax.contour(gts[i], levels=[0.5], colors=GT_COLOUR, linewidths=0.8)
         if i == 0:
             for j, title in enumerate(["image", "mask", "prediction", *names]):
+                if j == 2 and captions is not None:
+                    title = f"prediction\n{captions[0]}"
                 axes[0, j].set_title(title if j else f"image\n{ids[0]}", fontsize=6)
         for ax in axes[i, 1:3]:
             ax.set_xticks([])

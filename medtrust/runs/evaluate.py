@@ -48,9 +48,10 @@ def _parse_list(text: str) -> list[str]:
     return [t.strip().strip("'\"") for t in text.strip().strip("[]").split(",") if t.strip()]
 
 
-def prepare_argv(argv: list[str], multi: bool = True) -> list[str]:
+def prepare_argv(argv: list[str], multi: bool = True, choose_xai: bool = False) -> list[str]:
     """Check ``run_dir``/``run_dirs`` before Hydra creates any folder, and select the run's own
-    ``data`` group unless the command line chooses one.
+    ``data`` group (and, for explain.py, the ``xai`` suite of the run's task: ``xai=<task_name>``)
+    unless the command line chooses one.
 
     Raises:
         RunDirError: a run folder is missing or is not a medtrust run.
@@ -71,6 +72,10 @@ def prepare_argv(argv: list[str], multi: bool = True) -> list[str]:
     choice = load_run_choices(runs[0]).get("data")
     if choice and not any(re.match(r"^data=", a) for a in argv[1:]):
         argv = [*argv, f"data={choice}"]
+    if choose_xai and not any(re.match(r"^xai=", a) for a in argv[1:]):
+        task_name = load_run_config(runs[0]).get("task_name")
+        if task_name and (Path(__file__).parents[2] / "conf" / "xai" / f"{task_name}.yaml").is_file():
+            argv = [*argv, f"xai={task_name}"]
     return argv
 
 

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from medtrust.callbacks.checkpoint_io import AtomicCheckpointIO
+from medtrust.callbacks.explanations import explanation_callbacks
 from medtrust.report.figures import plot_curves
 from medtrust.report.html import build_run_report
 from medtrust.report.summary import scalar_metrics
@@ -101,7 +102,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if getattr(task, "init_report", None):
         write_json(run_dir / "init_from.json", {"checkpoint": cfg.model.get("init_from"), **task.init_report})
     dm = instantiate(cfg.data)
-    callbacks = instantiate_list(cfg.get("callbacks"))
+    callbacks = instantiate_list(cfg.get("callbacks")) + explanation_callbacks(cfg.get("xai"), int(cfg.seed))
     loggers = instantiate_list(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])

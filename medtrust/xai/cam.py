@@ -36,6 +36,8 @@ def attention_unet_layers(task: nn.Module) -> dict[str, list[str]]:
             groups["attention"].append(name)
         elif isinstance(m, AttentionLayer):
             groups["decoder"].append(f"{name}.merge")
+    if not groups["encoder"] and not groups["attention"]:
+        return {}  # not an Attention U-Net
     groups["decoder"].reverse()
     groups["attention"].reverse()
     convs = [n for n, m in task.named_modules() if isinstance(m, nn.Conv2d)]
@@ -49,3 +51,39 @@ def layer_gradcam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tens
     cam = LayerGradCam(forward, get_module(model, layer))
     attr = cam.attribute(images, relu_attributions=relu)
     return LayerAttribution.interpolate(attr, tuple(images.shape[-2:]), interpolate_mode="bilinear")[:, 0].detach()
+
+
+def timm_last_stage_layers(task: nn.Module) -> list[str]:
+    """Module path of the last feature stage of every timm backbone inside ``task`` (one per
+    ensemble member), from timm's ``feature_info`` (e.g. ``net.backbone.layer4`` for a ResNet)."""
+    out = []
+    for name, m in task.named_modules():
+        info = getattr(m, "feature_info", None)
+        if info is None or not hasattr(m, "forward_features"):
+            continue
+        last = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
+        out.append(f"{name}.{last}" if name else last)
+    return out
+
+
+def default_cam_layers(task: nn.Module) -> dict[str, list[str]]:
+    """Default CAM layers by task: GlassBox's encoder/attention/decoder/output groups for the
+    Attention U-Net; the last conv stage of the timm backbone(s) for a classifier."""
+    groups = attention_unet_layers(task)
+    if groups:
+        return groups
+    layers = timm_last_stage_layers(task)
+    if not layers:
+        raise ValueError(f"no default CAM layer for {type(task).__name__}: give xai layers as module paths")
+    return {"last_stage": layers}
+
+
+def resolve_cam_layers(task: nn.Module, spec: object) -> dict[str, list[str]]:
+    """``auto``/``None`` -> :func:`default_cam_layers`; a list of module paths -> ``{"selected": [...]}``
+    (each checked; an unknown path lists the available ones)."""
+    if spec in (None, "auto"):
+        return default_cam_layers(task)
+    layers = [str(p) for p in spec]  # type: ignore[union-attr]
+    for layer in layers:
+        get_module(task, layer)
+    return {"selected": layers}

@@ -87,3 +87,25 @@ def test_ensemble_assembled_from_run_folders_and_mismatch_refused(cls_run, tmp_p
     proc = run_script("evaluate.py", f"ensemble_runs=[{cls_run},{bigger}]", f"hydra.run.dir={tmp_path / 'bad'}",
                       check=False)
     assert proc.returncode != 0 and "runs differ in data.image_size" in proc.stderr
+
+
+def test_explain_classifier_gradcam_scorecam_stability_vs_uncertainty(cls_run):
+    run_script("explain.py", f"run_dir={cls_run}", "n_images=6", "split=val", "xai.stability.mc_dropout=3", "xai.stability.n_noise=1",
+               "xai.methods.integrated_gradients.n_steps=4", "xai.methods.gradient_shap.n_samples=2",
+               "xai.faithfulness.n_steps=4", "xai.methods.gradcam.layers=[net.backbone.layer2]",
+               "xai.methods.scorecam.layer=net.backbone.layer2")  # layer4 is 1x1 at 32 px
+    out = sorted((cls_run / "explanations").iterdir())[-1]
+    res = json.loads((out / "metrics" / "explanations.json").read_text())
+    assert res["target"]["kind"] == "class_logit"  # xai=classification chosen from the run's task
+    assert {"gradcam", "scorecam", "saliency_logit", "ig_black", "gradient_shap", "occlusion"} <= set(res["maps"])
+    # phantom opacities have masks: localisation is defined on positive images, counted as undefined on the rest
+    pg = res["localisation"]["gradcam"]["pointing_game"]
+    assert pg["n"] == res["n_images"] >= 3 and pg["n_undefined"] < res["n_images"]
+    assert set(res["stability"]["gradcam"]) == {"mc_dropout", "tta", "noise"}
+    sv = res["stability_vs_uncertainty"]["gradcam/mc_dropout_spearman"]
+    assert {"spearman_rho", "n_correct", "n_incorrect", "mannwhitney_p"} <= set(sv)
+    assert sv["n_correct"] + sv["n_incorrect"] + sv["n_dropped"] == res["n_images"] and sv["n_dropped"] < res["n_images"]
+    assert res["sanity"]["gradcam"]["passes"] in (True, False)
+    assert (out / "figures" / "explanations" / "grid.png").is_file()
+    proc = run_script("explain.py", f"run_dir={cls_run}", "xai=segmentation", check=False)
+    assert proc.returncode != 0 and "does not apply to a classification task" in proc.stderr

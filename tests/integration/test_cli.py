@@ -147,15 +147,30 @@ def test_ph2_trains_and_evaluates_from_its_manifest_as_it_is(tmp_path):
     assert res["seg"]["dice"] == pytest.approx(val["seg"]["dice"], abs=1e-9)
 
 
-def test_explain_writes_maps_grid_and_localisation(tiny_run):
-    run_script("explain.py", f"run_dir={tiny_run}", "n_images=3", "xai.ig.n_steps=8")
+FAST_XAI = ["xai.methods.integrated_gradients.n_steps=4", "xai.methods.gradient_shap.n_samples=2",
+            "xai.stability.mc_dropout=2", "xai.stability.n_noise=1", "xai.faithfulness.n_steps=4"]
+
+
+def test_explain_writes_maps_grid_and_every_explanation_metric(tiny_run):
+    run_script("explain.py", f"run_dir={tiny_run}", "n_images=3", *FAST_XAI)
     out = sorted((tiny_run / "explanations").iterdir())[-1]
     res = json.loads((out / "metrics" / "explanations.json").read_text())
-    assert {"saliency_logits", "saliency_sigmoid", "ig_black", "gradcam_output", "slic_confidence"} <= set(res["localisation"])
+    assert {"saliency_logit", "saliency_prob", "ig_black", "ig_blur", "ig_mean", "ig_noise", "gradient_shap",
+            "occlusion", "gradcam_encoder", "gradcam_attention", "gradcam_decoder", "gradcam_output", "scorecam",
+            "slic_confidence"} <= set(res["localisation"])
+    assert {"pointing_game", "relevance_mass", "topk_iou", "topk_dice", "heatmap_auroc"} <= set(res["localisation"]["ig_black"])
+    pg = res["localisation"]["gradcam_output"]["pointing_game"]
+    assert pg["n"] == 3 and pg["n_undefined"] + (pg["mean"] is not None) >= 1
+    assert set(res["stability"]["saliency_logit"]) == {"mc_dropout", "tta", "noise"}
+    assert {"deletion_auc", "insertion_auc"} <= set(res["faithfulness"]["gradcam_output"])
+    assert "occlusion" not in res["sanity"] and "passes" in res["sanity"]["saliency_logit"]
     assert len(list((out / "explanations" / "ig_black").glob("*.npz"))) == 3
+    assert len(list((out / "explanations" / "ig_black").glob("*.png"))) == 3 + 1  # per image + strip
     assert (out / "figures" / "explanations" / "grid.png").is_file()
-    proc = run_script("explain.py", f"run_dir={tiny_run}", "xai.gradcam.layers=[net.nope]", check=False)
+    proc = run_script("explain.py", f"run_dir={tiny_run}", "xai.methods.gradcam.layers=[net.nope]", check=False)
     assert proc.returncode != 0 and "available module paths" in proc.stderr
+    proc = run_script("explain.py", f"run_dir={tiny_run}", "xai=classification", check=False)
+    assert proc.returncode != 0 and "does not apply to a segmentation task" in proc.stderr
 
 
 def test_glassbox_variant_trains_on_the_isic_layout_with_official_splits(isic_root, tmp_path):
@@ -168,3 +183,16 @@ def test_glassbox_variant_trains_on_the_isic_layout_with_official_splits(isic_ro
         {"train": 6, "val": 3, "test": 3}
     assert json.loads((run / "metrics" / "test.json").read_text())["n_images"] == 3
     assert "TverskyLoss" in (run / "config.yaml").read_text()
+
+
+def test_explanation_callback_logs_and_selects_the_checkpoint(tmp_path):
+    run = tmp_path / "xai_cb"
+    run_script("train.py", *TINY, "trainer.max_epochs=2", "xai=segmentation", "xai.callback.every_n_epochs=1",
+               "xai.callback.n_images=3", "xai.callback.select={metric: val/xai/gradcam_decoder/tta_spearman,"
+               " constraint: val/seg/dice, within: 1.0}", "callbacks.model_checkpoint.monitor=val/xai/select",
+               "callbacks.model_checkpoint.mode=max", "callbacks.early_stopping=null", f"hydra.run.dir={run}")
+    metrics = pd.read_csv(next((run / "csv").rglob("metrics.csv")))
+    for key in ("val/xai/gradcam_decoder/pointing_game", "val/xai/gradcam_decoder/mc_dropout_spearman",
+                "val/xai/gradcam_decoder/tta_topk_iou", "val/xai/seconds", "val/xai/select"):
+        assert key in metrics.columns and metrics[key].notna().sum() == 2, key
+    assert (run / "checkpoints" / "best.ckpt").is_file()

@@ -1,0 +1,88 @@
+"""Shared steps of explain.py, the explanation callback and evaluate.py: build the configured
+methods, gather a fixed set of images with their target, and measure maps (localisation against the
+ground-truth mask, stability under perturbation). Undefined values (all-zero / NaN maps, no mask)
+are counted, never averaged in."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import default_collate
+
+from medtrust.metrics.localisation import localisation_metrics
+from medtrust.xai.methods import ExplainInputs, ExplanationMethod
+from medtrust.xai.targets import fix_target, make_target
+
+
+def build_methods(methods_cfg: Any, only: Sequence[str] | None = None) -> dict[str, ExplanationMethod]:
+    """Instantiate ``xai.methods`` (name -> ``_target_`` entry), optionally only the keys ``only``.
+
+    Raises:
+        KeyError: a name in ``only`` that is not a configured method (the configured ones are listed).
+    """
+    cfg = OmegaConf.to_container(methods_cfg, resolve=True) if isinstance(methods_cfg, DictConfig) else dict(methods_cfg or {})
+    if only is not None:
+        missing = [m for m in only if m not in cfg]
+        if missing:
+            raise KeyError(f"xai: method(s) {missing} are not configured under xai.methods; configured: {sorted(cfg)}")
+        cfg = {k: cfg[k] for k in only}
+    return {name: instantiate(c, _convert_="all") for name, c in cfg.items()}
+
+
+def black_value(dm: Any) -> torch.Tensor | None:
+    """C×1×1 value of a black pixel after the datamodule's normalisation (IG/SHAP black baseline)."""
+    norm = getattr(dm, "normalize", None)
+    if not norm:
+        return None
+    return (-torch.tensor(norm["mean"]) / torch.tensor(norm["std"])).view(-1, 1, 1)
+
+
+def gather(task: torch.nn.Module, dm: Any, split: str, indices: Sequence[int], target_spec: Mapping[str, Any],
+           seed: int = 0) -> tuple[ExplainInputs, torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """Images ``indices`` of ``split`` (un-augmented) with the target fixed on them.
+
+    Returns:
+        (inputs, masks B×1×H×W or None, labels B or None, image ids).
+    """
+    ds = dm.dataset(split)
+    batch = default_collate([ds[i] for i in indices])
+    device = next(task.parameters()).device
+    images = batch["image"].to(device)
+    masks, labels = batch.get("mask"), batch.get("label")
+    recs = dm.load_split(split)[2]
+    fixed = fix_target(task, images, target_spec, masks, labels)
+    x = ExplainInputs(task, images, make_target(task, str(target_spec["kind"]), fixed), black_value(dm),
+                      [dm.raw_image(split, i) for i in indices], seed)
+    return x, masks, labels, [recs[i]["id"] for i in indices]
+
+
+def subset_indices(n_total: int, n: int, seed: int) -> list[int]:
+    """A fixed, seeded subset of ``n`` of ``n_total`` indices (sorted)."""
+    n = min(int(n), int(n_total))
+    return sorted(np.random.default_rng(seed).choice(n_total, size=n, replace=False).tolist())
+
+
+def localisation_table(maps: Mapping[str, torch.Tensor], masks: torch.Tensor | None,
+                       k: float = 0.1) -> dict[str, dict[str, np.ndarray]]:
+    """Per-image localisation of each map against the ground-truth masks (NaN where undefined,
+    e.g. an image with an empty mask or an all-zero map). map -> metric -> B values."""
+    if masks is None:
+        return {}
+    gts = masks[:, 0].cpu().numpy()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, arr in maps.items():
+        rows = [localisation_metrics(arr[i].numpy(), gts[i], k) for i in range(arr.shape[0])]
+        out[name] = {m: np.array([r[m] for r in rows], dtype=float) for m in rows[0]}
+    return out
+
+
+def summarise(values: np.ndarray) -> dict[str, Any]:
+    """Mean over defined values, with the counts: ``{"mean", "n", "n_undefined"}`` (mean None if
+    nothing is defined)."""
+    v = np.asarray(values, dtype=float)
+    ok = np.isfinite(v)
+    return {"mean": float(v[ok].mean()) if ok.any() else None, "n": int(v.size), "n_undefined": int((~ok).sum())}
