@@ -19,7 +19,9 @@ from medtrust.metrics.classification import (
     risk_coverage,
 )
 from medtrust.metrics.stats import bootstrap_ci
+from medtrust.metrics.stability import stability_vs_uncertainty
 from medtrust.report import figures
+from medtrust.xai.perturb import dropout_modules
 from medtrust.utils.io import write_json
 from medtrust.utils.logging import get_logger
 
@@ -36,6 +38,11 @@ DEFAULTS: dict[str, Any] = {
     "n_failure_cases": 8,
     "figures": True,
     "mc_seed": 0,                 # MC-dropout masks are drawn from this seed: evaluation is reproducible
+    # third trust axis: Grad-CAM stability under MC dropout (Spearman of each pass's map with the
+    # deterministic map, mean over passes); 0 passes = off
+    "explanation_stability_samples": 8,
+    "explanation_stability_threshold": 0.9,   # stable when the mean Spearman >= this
+    "explanation_stability_layer": "auto",    # Grad-CAM layer (auto = last conv stage)
 }
 QUADRANTS = ("correct_confident", "correct_uncertain", "incorrect_confident", "incorrect_uncertain")
 CALIBRATION_FILE = "calibration.json"
@@ -226,11 +233,28 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
     n_boot = int(c["bootstrap"])
     cis = {"ece": bootstrap_ci(ece_of, probs, labels, n_boot=n_boot), "auroc": bootstrap_ci(auroc_of, probs, labels, n_boot=n_boot)}
     counts = pred_df["quadrant"].value_counts().reindex(QUADRANTS, fill_value=0).astype(int).to_dict()
+    quadrants: dict[str, Any] = {"confidence_threshold": thr, "counts": counts}
+    if int(c["explanation_stability_samples"]) > 0 and dropout_modules(task):
+        stab = explanation_stability(task, datamodule, split, pred_df["pred"].to_numpy(), int(c["explanation_stability_samples"]),
+                                     c["explanation_stability_layer"], int(c["mc_seed"]))
+        st_thr = float(c["explanation_stability_threshold"])
+        pred_df["explanation_stability"] = stab
+        stable = np.where(np.isfinite(stab), np.where(stab >= st_thr, "stable", "unstable"), "undefined")
+        pred_df["quadrant_stability"] = [f"{q}_{s}" for q, s in zip(pred_df["quadrant"], stable)]
+        pred_df.to_csv(out_dir / f"{split}_predictions.csv", index=False)
+        quadrants["stability"] = {
+            "method": "gradcam under MC dropout (mean Spearman with the deterministic map)",
+            "samples": int(c["explanation_stability_samples"]), "threshold": st_thr,
+            "counts": {f"{q}_{s}": int((pred_df["quadrant_stability"] == f"{q}_{s}").sum())
+                       for q in QUADRANTS for s in ("stable", "unstable", "undefined")},
+            "vs_uncertainty_and_correctness": stability_vs_uncertainty(stab, pred_df["entropy"].to_numpy(),
+                                                                       pred_df["correct"].to_numpy()),
+        }
     result.update({
         "cls": {k: v for k, v in cls.items() if k != "reliability"},
         "cls_uncalibrated": {k: v for k, v in uncal.items() if k != "reliability"},
         "ci95": cis, "cal": {"ece": cls["ece"], "brier": cls["brier"], "reliability": cls["reliability"]},
-        "methods": rows, "quadrants": {"confidence_threshold": thr, "counts": counts},
+        "methods": rows, "quadrants": quadrants,
     })
     fails = export_failure_cases(datamodule, split, pred_df, out_dir / "failure_cases", int(c["n_failure_cases"]))
     result["failure_cases"] = fails
@@ -241,6 +265,37 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
     log.info(f"{split} [{primary}, T={t:.3f}]: AUROC {cls['auroc']:.4f}, acc {cls['accuracy']:.4f}, "
              f"ECE {uncal['ece']:.4f} -> {cls['ece']:.4f}, Brier {uncal['brier']:.4f} -> {cls['brier']:.4f}")
     return result
+
+
+def explanation_stability(task: torch.nn.Module, dm: Any, split: str, pred: np.ndarray, samples: int,
+                          layer: Any = "auto", seed: int = 0) -> np.ndarray:
+    """Per-image stability of the Grad-CAM map of the predicted class under ``samples`` MC-dropout
+    passes: mean Spearman correlation of each pass's map with the deterministic map (NaN where
+    undefined, e.g. an all-zero map)."""
+    from medtrust.metrics.stability import map_stability
+    from medtrust.xai.methods import ExplainInputs, GradCAM
+    from medtrust.xai.perturb import mc_dropout_maps
+    from medtrust.xai.targets import Target
+
+    method = GradCAM(layers=layer if layer in (None, "auto") else [layer])
+    out, start = [], 0
+    was = task.training
+    task.eval()
+    try:
+        with torch.enable_grad():
+            for batch in dm.dataloader(split):
+                images = batch["image"].to(next(task.parameters()).device)
+                cls = torch.as_tensor(pred[start:start + len(images)], dtype=torch.long)
+                start += len(images)
+                x = ExplainInputs(task, images, Target(task, "class_logit", cls), seed=seed)
+                ref = method(x)
+                name = next(iter(ref))
+                maps = mc_dropout_maps(method, x, samples)[name]
+                out += [map_stability(maps[:, b].numpy(), ref[name][b].detach().cpu().numpy())["spearman"]
+                        for b in range(len(images))]
+    finally:
+        task.train(was)
+    return np.asarray(out, dtype=float)
 
 
 def _image(dm: Any, split: str, i: int) -> np.ndarray:

@@ -106,14 +106,20 @@ def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
       on it once per such channel. Its score still enters the softmax denominator (and a constant
       nonzero channel still adds ``w_k * c`` to the map), so it cannot be dropped; instead the score
       of the empty mask is computed ONCE per image and given to all such channels. The test is made
-      on the upsampled values (exactly what the normalisation sees), not on the raw activations.
-    * The capture pass stops right after ``layer`` (the rest of the network is not run), and the
-      activations go through the network only once.
+      on the upsampled values (exactly what the normalisation sees), not on the raw activations: a
+      constant channel whose upsampling is not exactly constant after rounding is scored, as its
+      (noise) mask is not empty in pytorch-grad-cam either.
+    * The pass that captures the activations stops right after ``layer`` (the rest of the network
+      is not run for it).
     * No B×K×C×H×W tensor of masked inputs is built: masks are made per call of ``forward``.
 
     Blocks are filled per image with its kept channels (plus one empty-mask input when the image
     has skipped channels); images with fewer kept channels leave padding slots in the last blocks,
-    which are scored but ignored.
+    which are scored and ignored (the price of the whole-batch layout that per-image targets need;
+    usually a few percent).
+
+    A layer with 1×1 maps makes every mask empty: all weights are equal (1/K) and the map is
+    constant (pytorch-grad-cam returns zeros there, after its min-max normalisation).
 
     The model is used in its current mode: call ``model.eval()`` first (pytorch-grad-cam's
     constructor switches the model to eval mode), so that batch norm / dropout do not make the

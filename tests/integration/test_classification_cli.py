@@ -11,7 +11,8 @@ from tests.conftest import SHARED_DATA, run_script, write_png
 
 pytestmark = pytest.mark.integration
 TINY_CLS = ["experiment=tmv_mc_dropout", "data.source.n_images=80", "data.source.size=32", "data.image_size=[32,32]",
-            "trainer.max_epochs=2", "model.mc_samples=4", "evaluation.bootstrap=50", "threads=1"]
+            "trainer.max_epochs=2", "model.mc_samples=4", "evaluation.bootstrap=50", "threads=1",
+            "evaluation.explanation_stability_samples=3", "evaluation.explanation_stability_layer=net.backbone.layer2"]
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,16 @@ def test_classifier_run_folder(cls_run):
     assert {"auroc", "accuracy", "f1", "pr_auc", "ece", "ece_adaptive", "brier", "nll", "aurc"} <= set(m["cls"])
     assert m["ci95"]["ece"][0] <= m["ci95"]["ece"][1]
     assert sum(m["quadrants"]["counts"].values()) == m["n_images"]
+    st = m["quadrants"]["stability"]  # third axis: correct x confident x stable explanation
+    assert sum(st["counts"].values()) == m["n_images"] and len(st["counts"]) == 12
+    assert sum(v for k, v in st["counts"].items() if k.endswith("_undefined")) < m["n_images"]
+    assert "spearman_rho" in st["vs_uncertainty_and_correctness"]
     methods = pd.read_csv(cls_run / "metrics" / "test_methods.csv")
     assert set(zip(methods["method"], methods["temperature_scaled"])) == {
         ("deterministic", False), ("deterministic", True), ("mc_dropout", False), ("mc_dropout", True)}
     preds = pd.read_csv(cls_run / "test_predictions.csv")
-    assert {"path", "patient_id", "label", "prob_1", "entropy", "mutual_information", "variance", "quadrant"} <= set(preds)
+    assert {"path", "patient_id", "label", "prob_1", "entropy", "mutual_information", "variance", "quadrant",
+            "explanation_stability", "quadrant_stability"} <= set(preds)
     assert (cls_run / "failure_cases" / "test_index.csv").is_file()
     for f in ("reliability.png", "risk_coverage.png", "uncertainty_hist.png", "trust_quadrants.png"):
         assert (cls_run / "figures" / "test" / f).is_file()

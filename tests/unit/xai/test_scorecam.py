@@ -223,3 +223,7 @@ def test_bad_arguments():
         score_cam(model, fwd, "head", x)  # a B×3 output is not a feature map
     with pytest.raises(ValueError, match="one score per input"):
         score_cam(model, model, "act", x)  # B×3 logits instead of B scores
+    with pytest.raises(RuntimeError, match="not called"):
+        score_cam(model, fwd, nn.ReLU(), x)  # a module the forward pass never runs
+    with pytest.raises(TypeError, match="layer"):
+        score_cam(model, fwd, 3, x)
