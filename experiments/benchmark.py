@@ -15,6 +15,8 @@ Rows:
                   weights), 8 images at 128 px (timed in interleaved slices of 2), class-logit
                   target at layer4, both with batch size 32 and the same threads; time ratio, mean
                   Pearson r of the maps, skipped fraction (~2-4 min on 2 cores).
+  xai_callback    training with the explanation callback at its default settings vs without
+                  (default config, all epochs, validation on): overhead ratio (target <= 0.15).
   seg_flops       achieved FLOP/s of one Attention U-Net training step (counted with
                   torch.utils.flop_counter) as a fraction of this machine's fp32 matmul FLOP/s,
                   both measured in this run.
@@ -272,8 +274,45 @@ def row_scorecam(args) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def fit_seconds(cfg, dm, out_dir: Path, extra_callbacks: list) -> float:
+    """Wall time of trainer.fit (training + validation every epoch) with the default callbacks."""
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    cfg.paths.output_dir = str(out_dir)
+    task = build_task(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=[*instantiate_list(cfg.callbacks), *extra_callbacks],
+                          logger=instantiate_list(cfg.logger), plugins=[AtomicCheckpointIO()],
+                          enable_progress_bar=False, default_root_dir=str(out_dir))
+    t = time.perf_counter()
+    trainer.fit(task, datamodule=dm)
+    return time.perf_counter() - t
+
+
+def row_xai_callback(args) -> dict:
+    """Training with the explanation callback at its default settings (xai=segmentation: Grad-CAM at
+    the last decoder layer, 8 fixed validation images, MC-dropout T=4 + hflip stability, every 5
+    epochs plus the first and last) vs the same training without it."""
+    from medtrust.callbacks.explanations import explanation_callbacks
+
+    out = Path(args.out) / "xai_callback"
+    cfg = compose_cfg(["xai=segmentation", "callbacks.early_stopping=null", *args.overrides], out)
+    torch.set_num_threads(int(cfg.threads))
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    without, with_cb, own = [], [], []
+    for rep in range(args.repeats):  # interleaved
+        without.append(fit_seconds(cfg, dm, out / f"off{rep}", []))
+        cbs = explanation_callbacks(cfg.xai, int(cfg.seed))
+        with_cb.append(fit_seconds(cfg, dm, out / f"on{rep}", cbs))
+        own.append(sum(cbs[0].seconds))
+    a, b = statistics.median(without), statistics.median(with_cb)
+    return {"row": "xai_callback", "fit_s_without": round(a, 1), "fit_s_with": round(b, 1),
+            "overhead": round(b / a - 1, 3), "callback_own_s": round(statistics.median(own), 1),
+            "own_fraction": round(statistics.median(own) / b, 3), "target": "<= 0.15",
+            "epochs": int(cfg.trainer.max_epochs), "calls": len(cbs[0].seconds), "repeats": args.repeats}
+
+
 ROWS = {"seg_throughput": row_seg_throughput, "seg_flops": row_seg_flops, "seg_dropout": row_seg_dropout,
-        "mc_dropout": row_mc_dropout, "scorecam": row_scorecam}
+        "mc_dropout": row_mc_dropout, "scorecam": row_scorecam, "xai_callback": row_xai_callback}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torchmetrics import CatMetric
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
 from medtrust.tasks.base import TaskBase, load_init_weights
@@ -68,6 +69,9 @@ class ClassificationTask(TaskBase):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_auroc = BinaryAUROC() if self.num_classes == 2 else MulticlassAUROC(self.num_classes)
+        # every probability/label of the epoch (CatMetric: gathered across processes under DDP) for
+        # the full metric set per validation epoch (F1, PR-AUC, ECE equal-width/adaptive, NLL, AURC)
+        self.val_probs, self.val_labels = CatMetric(), CatMetric()
         self.init_report = load_init_weights(self, init_from) if init_from else None
         self.frozen = self._freeze(list(freeze or []))
 
@@ -161,13 +165,25 @@ class ClassificationTask(TaskBase):
                  prog_bar=True, batch_size=len(y))
         prob = torch.softmax(logits, -1)
         self.val_auroc.update(prob[:, 1] if self.num_classes == 2 else prob, y)
+        if stage == "val":
+            self.val_probs.update(prob.detach().float())
+            self.val_labels.update(y)
         self.log(f"{stage}/cls/accuracy", (prob.argmax(-1) == y).float().mean(), on_epoch=True, batch_size=len(y))
         out = {"prob": prob[:, 1], "target": y.float()} if self.num_classes == 2 else {"prob_all": prob}
         return out
 
     def on_validation_epoch_end(self) -> None:
+        from medtrust.metrics.classification import compute_classification_metrics
+
         self.log("val/cls/auroc", self.val_auroc.compute(), prog_bar=True)
         self.val_auroc.reset()
+        if self.val_labels.update_count:
+            probs = self.val_probs.compute().reshape(-1, self.num_classes)
+            m = compute_classification_metrics(probs.cpu(), self.val_labels.compute().long().cpu())
+            for k in ("f1", "pr_auc", "ece", "ece_adaptive", "brier", "nll", "aurc"):
+                self.log(f"val/cls/{k}", float(m[k]))
+        self.val_probs.reset()
+        self.val_labels.reset()
 
     def on_test_epoch_end(self) -> None:
         self.log("test/cls/auroc", self.val_auroc.compute())

@@ -198,14 +198,19 @@ class ScoreCAM(ExplanationMethod):
     """Score-CAM (Wang et al., 2020), our batched implementation (:func:`medtrust.xai.scorecam.score_cam`):
     channel weights from the target score of the input masked by each upsampled activation map;
     channels that are zero everywhere are skipped exactly. ``layer: auto`` = the default CAM layer
-    (the last conv stage; for the U-Net the decoder's last merge)."""
+    (the last conv stage; for the U-Net the decoder's last merge). ``weights``: ``softmax`` over
+    channels (pytorch-grad-cam, for class logits) or ``score`` (the masked inputs' scores
+    themselves, for a segmentation's sum of sigmoid over a region)."""
 
     name = "scorecam"
 
-    def __init__(self, layer: Any = "auto", batch_size: int = 32, output: str = "logit") -> None:
+    def __init__(self, layer: Any = "auto", batch_size: int = 32, output: str = "logit", weights: str = "softmax") -> None:
         if batch_size < 1:
             raise ValueError(f"xai scorecam batch_size must be >= 1, got {batch_size}")
+        if weights not in ("softmax", "score"):
+            raise ValueError(f"xai scorecam weights must be softmax or score, got {weights!r}")
         self.layer, self.batch_size, self.output = layer, int(batch_size), _check_output(output)
+        self.weights = weights
 
     def _layers(self, task: nn.Module) -> list[str]:
         if self.layer in (None, "auto"):
@@ -217,7 +222,7 @@ class ScoreCAM(ExplanationMethod):
         from medtrust.xai.scorecam import score_cam
 
         fwd = _target_for(x, self.output)
-        maps = [score_cam(x.task, fwd, layer, x.images, batch_size=self.batch_size) for layer in self._layers(x.task)]
+        maps = [score_cam(x.task, fwd, layer, x.images, batch_size=self.batch_size, weights=self.weights) for layer in self._layers(x.task)]
         return {self.name: torch.stack(maps).mean(0)}
 
 

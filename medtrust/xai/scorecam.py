@@ -69,7 +69,7 @@ def _upsampled_range(acts: torch.Tensor, size: tuple[int, int]) -> tuple[torch.T
 @torch.no_grad()
 def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], layer: str | nn.Module,
               images: torch.Tensor, batch_size: int = 32, skip_zero_channels: bool = True,
-              baseline: torch.Tensor | None = None) -> torch.Tensor:
+              baseline: torch.Tensor | None = None, weights: str = "softmax") -> torch.Tensor:
     """Score-CAM map of ``forward``'s scalar target at ``layer``, upsampled to the input size.
 
     Score-CAM (Wang et al., CVPR-W 2020): with the activations ``A`` (B×K×h×w) of ``layer``,
@@ -139,6 +139,11 @@ def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
             (exact; ``False`` scores every channel, as pytorch-grad-cam does).
         baseline: what masked-out pixels are replaced with, broadcastable to ``images``
             (default: zeros, i.e. ``images * mask``).
+        weights: ``softmax`` (over channels, pytorch-grad-cam's convention) or ``score`` (the raw
+            score of each masked input, as in Wang et al.'s reference code where the score is a
+            class probability). Use ``score`` with a non-negative, unbounded target such as a
+            segmentation's sum of sigmoid over a region: a softmax over sums of hundreds of pixels
+            saturates on one channel.
 
     Returns:
         B×H×W float map (>= 0, dtype of ``images``), on ``images``' device.
@@ -157,6 +162,8 @@ def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         raise ValueError(f"images must be 4-D (B×C×H×W), got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point, got dtype {images.dtype}")
+    if weights not in ("softmax", "score"):
+        raise ValueError(f"weights must be 'softmax' or 'score', got {weights!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(layer, str):
@@ -215,7 +222,7 @@ def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         empty_score[img[is_empty]] = out[is_empty]
 
     scores = torch.where(empty, empty_score[:, None].expand(b, k), scores)
-    weights = torch.softmax(scores.double(), dim=1)
+    weights = torch.softmax(scores.double(), dim=1) if weights == "softmax" else scores.double()
     cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights, acts.double()))
     cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return cam.clamp_min(0).to(device=images.device, dtype=images.dtype)

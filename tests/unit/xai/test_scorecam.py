@@ -87,7 +87,8 @@ class StridedNet(nn.Module):
         return self.head(self.act(self.conv(x)).mean((2, 3)))
 
 
-def naive_score_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: list[int]) -> torch.Tensor:
+def naive_score_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: list[int],
+                    weights: str = "softmax") -> torch.Tensor:
     """One image and one channel at a time, straight from the definition (grad-cam conventions)."""
     store = []
     h = layer.register_forward_hook(lambda m, i, o: store.append(o.detach()))
@@ -104,7 +105,7 @@ def naive_score_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes
                 u = F.interpolate(acts[i, k][None, None], size=size, mode="bilinear", align_corners=True)[0, 0]
                 m = (u - u.min()) / (u.max() - u.min() + 1e-8)
                 scores.append(model(x[i:i + 1] * m)[0, classes[i]])
-            w = torch.softmax(torch.stack(scores), 0)
+            w = torch.softmax(torch.stack(scores), 0) if weights == "softmax" else torch.stack(scores)
             cam = torch.relu((w[:, None, None] * acts[i]).sum(0))
             out.append(F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)[0, 0])
     return torch.stack(out)
@@ -130,6 +131,22 @@ def test_matches_naive_loop_with_per_image_targets(batch_size, layer):
         assert bool((expected == 0).any())  # the ReLU clipped part of the map
     # the layer module itself may be passed instead of its path
     torch.testing.assert_close(score_cam(model, forward, model.get_submodule(layer), x, batch_size=batch_size), cam)
+
+
+def test_raw_score_weights_match_the_naive_loop():
+    torch.manual_seed(1)
+    model = StridedNet().eval()
+    x = torch.randn(2, 2, 11, 9)
+    fixed = torch.tensor([0, 2])
+
+    def forward(z):
+        return model(z).gather(1, fixed.repeat(z.shape[0] // 2)[:, None])[:, 0]
+
+    expected = naive_score_cam(model, model.act, x, [0, 2], weights="score")
+    torch.testing.assert_close(score_cam(model, forward, "act", x, weights="score"), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(expected, naive_score_cam(model, model.act, x, [0, 2]))
+    with pytest.raises(ValueError, match="weights"):
+        score_cam(model, forward, "act", x, weights="mean")
 
 
 def small_resnet():
