@@ -49,13 +49,22 @@ def saliency(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
     return attr.amax(1).detach()
 
 
-def integrated_gradients(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+def integrated_gradients(forward: Callable[..., torch.Tensor], images: torch.Tensor,
                          baseline: torch.Tensor, n_steps: int = 32,
-                         internal_batch_size: int | None = 8) -> torch.Tensor:
+                         internal_batch_size: int | None = 8, fixed: torch.Tensor | None = None) -> torch.Tensor:
     """Integrated gradients (captum) summed over channels. Returns B×H×W (signed).
 
-    ``internal_batch_size`` bounds memory: captum evaluates the ``n_steps`` path points in chunks.
+    ``internal_batch_size`` bounds memory: captum evaluates the ``n_steps`` path points in chunks of
+    that many inputs; since captum needs at least one whole batch per chunk, the images are
+    explained in groups of ``internal_batch_size``. ``fixed`` (B, or B×1×H×W): the target's fixed
+    class/region, passed to ``forward`` as captum's additional argument so it follows the chunking.
     """
     ig = IntegratedGradients(forward)
-    attr = ig.attribute(images, baselines=baseline, n_steps=n_steps, internal_batch_size=internal_batch_size)
-    return attr.sum(1).detach()
+    step = len(images) if not internal_batch_size else max(1, int(internal_batch_size))
+    out = []
+    for i in range(0, len(images), step):
+        args = None if fixed is None else (fixed[i:i + step],)
+        attr = ig.attribute(images[i:i + step], baselines=baseline[i:i + step], n_steps=n_steps,
+                            internal_batch_size=internal_batch_size, additional_forward_args=args)
+        out.append(attr.sum(1).detach())
+    return torch.cat(out)

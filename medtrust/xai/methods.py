@@ -101,7 +101,7 @@ class IntegratedGradients(ExplanationMethod):
     def __call__(self, x: ExplainInputs) -> dict[str, torch.Tensor]:
         fwd = _target_for(x, self.output)
         return {f"ig_{b}": integrated_gradients(fwd, x.images, make_baseline(x.images, b, x.black, x.seed),
-                                                self.n_steps, self.ibs) for b in self.baselines}
+                                                self.n_steps, self.ibs, fwd.fixed) for b in self.baselines}
 
 
 class GradientShap(ExplanationMethod):

@@ -173,3 +173,11 @@ def test_checkpoint_selection_metric_within_tolerance_of_the_best():
     assert got == [0.5, 0.6, 0.9, -1.0, -1.0]
     with pytest.raises(ValueError, match="select needs"):
         ExplanationCallback({"g": M.GradCAM()}, CLS_SPEC, select={"metric": "x"})
+
+
+def test_ig_grouped_by_internal_batch_size_equals_one_pass(cls):
+    x = inputs(cls, torch.rand(3, 1, 32, 32), CLS_SPEC, raw=False)
+    x.target.fixed = torch.tensor([0, 1, 0])  # different classes per image: the grouping must follow them
+    one = M.IntegratedGradients(["mean"], n_steps=4, internal_batch_size=None)(x)["ig_mean"]
+    grouped = M.IntegratedGradients(["mean"], n_steps=4, internal_batch_size=1)(x)["ig_mean"]
+    torch.testing.assert_close(one, grouped, rtol=1e-4, atol=1e-6)
