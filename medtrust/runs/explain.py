@@ -27,7 +27,7 @@ from medtrust.xai.methods import ExplainInputs, ExplanationMethod, GradCAM, run_
 from medtrust.xai.perturb import perturbed_maps, stability_table
 from medtrust.xai.pipeline import build_methods, gather, localisation_table, summarise
 from medtrust.xai.sanity import map_similarity, randomised_copy
-from medtrust.xai.targets import as_probability
+from medtrust.xai.targets import Target, as_probability
 
 log = get_logger(__name__)
 
@@ -144,9 +144,14 @@ def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg:
         fwd = x.target.with_kind(as_probability(x.target.kind))
         result["faithfulness"] = {}
         for name, arr in maps.items():
-            di = deletion_insertion(fwd, x.images, arr, n_steps=int(fcfg.get("n_steps", 20)))
-            result["faithfulness"][name] = {"deletion_auc": summarise(di["deletion_auc"]),
-                                            "insertion_auc": summarise(di["insertion_auc"])}
+            dels, ins = [], []
+            for i in range(n):  # one image at a time: its fixed class/region scores all its perturbations
+                fi = Target(task, fwd.kind, None if fwd.fixed is None else fwd.fixed[i:i + 1])
+                di = deletion_insertion(fi, x.images[i:i + 1], arr[i:i + 1], n_steps=int(fcfg.get("n_steps", 20)))
+                dels.append(float(di["deletion_auc"][0]))
+                ins.append(float(di["insertion_auc"][0]))
+            result["faithfulness"][name] = {"deletion_auc": summarise(np.array(dels)),
+                                            "insertion_auc": summarise(np.array(ins))}
     if xcfg.get("sanity"):
         t0 = time.perf_counter()
         result["sanity"] = _sanity(methods, x, maps, xcfg.sanity)

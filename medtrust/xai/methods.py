@@ -204,13 +204,17 @@ class ScoreCAM(ExplanationMethod):
 
     name = "scorecam"
 
-    def __init__(self, layer: Any = "auto", batch_size: int = 32, output: str = "logit", weights: str = "softmax") -> None:
+    def __init__(self, layer: Any = "auto", batch_size: int = 32, output: str = "logit", weights: str = "softmax",
+                 baseline: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"xai scorecam batch_size must be >= 1, got {batch_size}")
-        if weights not in ("softmax", "score"):
-            raise ValueError(f"xai scorecam weights must be softmax or score, got {weights!r}")
+        if weights not in ("softmax", "score", "increase"):
+            raise ValueError(f"xai scorecam weights must be softmax, score or increase, got {weights!r}")
         self.layer, self.batch_size, self.output = layer, int(batch_size), _check_output(output)
         self.weights = weights
+        if baseline is not None and baseline not in BASELINES:
+            raise ValueError(f"xai scorecam baseline must be null (zeros, as pytorch-grad-cam) or one of {BASELINES}, got {baseline!r}")
+        self.baseline = baseline
 
     def _layers(self, task: nn.Module) -> list[str]:
         if self.layer in (None, "auto"):
@@ -222,7 +226,8 @@ class ScoreCAM(ExplanationMethod):
         from medtrust.xai.scorecam import score_cam
 
         fwd = _target_for(x, self.output)
-        maps = [score_cam(x.task, fwd, layer, x.images, batch_size=self.batch_size, weights=self.weights) for layer in self._layers(x.task)]
+        maps = [score_cam(x.task, fwd, layer, x.images, batch_size=self.batch_size, weights=self.weights,
+                          baseline=None if self.baseline is None else make_baseline(x.images, self.baseline, x.black, x.seed)) for layer in self._layers(x.task)]
         return {self.name: torch.stack(maps).mean(0)}
 
 

@@ -143,7 +143,9 @@ def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
             score of each masked input, as in Wang et al.'s reference code where the score is a
             class probability). Use ``score`` with a non-negative, unbounded target such as a
             segmentation's sum of sigmoid over a region: a softmax over sums of hundreds of pixels
-            saturates on one channel.
+            saturates on one channel. ``increase``: the score minus the score of the empty mask
+            (Wang et al.'s "increase of confidence"), signed, so channels whose kept region
+            *lowers* the target count against the map.
 
     Returns:
         B×H×W float map (>= 0, dtype of ``images``), on ``images``' device.
@@ -162,8 +164,8 @@ def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         raise ValueError(f"images must be 4-D (B×C×H×W), got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point, got dtype {images.dtype}")
-    if weights not in ("softmax", "score"):
-        raise ValueError(f"weights must be 'softmax' or 'score', got {weights!r}")
+    if weights not in ("softmax", "score", "increase"):
+        raise ValueError(f"weights must be 'softmax', 'score' or 'increase', got {weights!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(layer, str):
@@ -187,7 +189,8 @@ def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
     empty = (maxs == mins) if skip_zero_channels else torch.zeros(b, k, dtype=torch.bool, device=acts.device)
 
     # Work list per image: -1 = the empty mask (scored once), then the channels that are kept.
-    lists = [([-1] if bool(empty[i].any()) else []) + torch.nonzero(~empty[i]).flatten().tolist() for i in range(b)]
+    need_empty = weights == "increase"  # the baseline score of every image is the reference
+    lists = [([-1] if bool(empty[i].any()) or need_empty else []) + torch.nonzero(~empty[i]).flatten().tolist() for i in range(b)]
     n_blocks = max(len(lst) for lst in lists)
     slots = torch.full((n_blocks, b), -2, dtype=torch.long)  # -2 = padding, scored and ignored
     for i, lst in enumerate(lists):
@@ -222,7 +225,12 @@ def score_cam(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
         empty_score[img[is_empty]] = out[is_empty]
 
     scores = torch.where(empty, empty_score[:, None].expand(b, k), scores)
-    weights = torch.softmax(scores.double(), dim=1) if weights == "softmax" else scores.double()
+    if weights == "softmax":
+        weights = torch.softmax(scores.double(), dim=1)
+    elif weights == "increase":  # Wang et al.'s "increase of confidence" over the empty (baseline) input
+        weights = scores.double() - empty_score.double()[:, None]
+    else:
+        weights = scores.double()
     cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights, acts.double()))
     cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return cam.clamp_min(0).to(device=images.device, dtype=images.dtype)

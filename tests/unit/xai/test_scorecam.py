@@ -105,7 +105,10 @@ def naive_score_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes
                 u = F.interpolate(acts[i, k][None, None], size=size, mode="bilinear", align_corners=True)[0, 0]
                 m = (u - u.min()) / (u.max() - u.min() + 1e-8)
                 scores.append(model(x[i:i + 1] * m)[0, classes[i]])
-            w = torch.softmax(torch.stack(scores), 0) if weights == "softmax" else torch.stack(scores)
+            sc = torch.stack(scores)
+            if weights == "increase":
+                sc = sc - model(torch.zeros_like(x[i:i + 1]))[0, classes[i]]
+            w = torch.softmax(sc, 0) if weights == "softmax" else sc
             cam = torch.relu((w[:, None, None] * acts[i]).sum(0))
             out.append(F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)[0, 0])
     return torch.stack(out)
@@ -144,6 +147,9 @@ def test_raw_score_weights_match_the_naive_loop():
 
     expected = naive_score_cam(model, model.act, x, [0, 2], weights="score")
     torch.testing.assert_close(score_cam(model, forward, "act", x, weights="score"), expected, rtol=1e-4, atol=1e-6)
+    inc = naive_score_cam(model, model.act, x, [0, 2], weights="increase")
+    torch.testing.assert_close(score_cam(model, forward, "act", x, weights="increase"), inc, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(inc, expected)
     assert not torch.allclose(expected, naive_score_cam(model, model.act, x, [0, 2]))
     with pytest.raises(ValueError, match="weights"):
         score_cam(model, forward, "act", x, weights="mean")
