@@ -66,6 +66,11 @@ def _check_output(output: str) -> str:
     return output
 
 
+def _check_baselines(method: str, baselines: Sequence[str]) -> None:
+    if not baselines or any(b not in BASELINES for b in baselines):
+        raise ValueError(f"xai {method} baselines must be a non-empty list from {BASELINES}, got {list(baselines)}")
+
+
 def _target_for(x: ExplainInputs, output: str) -> Target:
     return x.target.with_kind(as_probability(x.target.kind)) if output == "prob" else x.target
 
@@ -90,9 +95,7 @@ class IntegratedGradients(ExplanationMethod):
 
     def __init__(self, baselines: Sequence[str] = ("black",), n_steps: int = 32, internal_batch_size: int | None = 8,
                  output: str = "logit") -> None:
-        bad = [b for b in baselines if b not in BASELINES]
-        if bad or not baselines:
-            raise ValueError(f"xai integrated_gradients baselines must be a non-empty list from {BASELINES}, got {list(baselines)}")
+        _check_baselines("integrated_gradients", baselines)
         if n_steps < 2:
             raise ValueError(f"xai integrated_gradients n_steps must be >= 2, got {n_steps}")
         self.baselines, self.n_steps, self.ibs = list(baselines), int(n_steps), internal_batch_size
@@ -112,9 +115,7 @@ class GradientShap(ExplanationMethod):
 
     def __init__(self, baselines: Sequence[str] = ("black", "blur"), n_samples: int = 16, stdevs: float = 0.1,
                  output: str = "logit") -> None:
-        bad = [b for b in baselines if b not in BASELINES]
-        if bad or not baselines:
-            raise ValueError(f"xai gradient_shap baselines must be a non-empty list from {BASELINES}, got {list(baselines)}")
+        _check_baselines("gradient_shap", baselines)
         if n_samples < 1:
             raise ValueError(f"xai gradient_shap n_samples must be >= 1, got {n_samples}")
         self.baselines, self.n_samples, self.stdevs = list(baselines), int(n_samples), float(stdevs)
