@@ -15,4 +15,13 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from medtrust.runs.resume import prepare_train_argv
+    from medtrust.runs.rundir import RunDirError
+
+    try:
+        sys.argv = prepare_train_argv(sys.argv)
+    except RunDirError as err:
+        sys.exit(f"train.py: {err}" if not str(err).startswith("train.py") else str(err))
     main()

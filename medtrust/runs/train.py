@@ -2,6 +2,7 @@
 val and test, write the run folder and its report."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from medtrust.callbacks.explanations import explanation_callbacks
 from medtrust.report.figures import plot_curves
 from medtrust.report.html import build_run_report
 from medtrust.report.summary import scalar_metrics
-from medtrust.runs.rundir import claim_run_dir, load_weights
+from medtrust.runs.resume import check_resume_config, record_resume, resume_checkpoint
+from medtrust.runs.rundir import RunDirError, claim_run_dir, load_weights
 from medtrust.utils.io import atomic_write_bytes, write_json
 from medtrust.utils.logging import get_logger
 
@@ -61,10 +63,10 @@ def build_task(cfg: DictConfig, **overrides: Any) -> L.LightningModule:
 
 def training_curves(run_dir: Path) -> Path | None:
     """Plot epoch-level curves from the CSV logger, if it ran."""
-    csvs = sorted(run_dir.glob("csv/**/metrics.csv"))
+    csvs = sorted(run_dir.glob("csv/**/metrics.csv"), key=lambda p: p.stat().st_mtime)  # + resumed parts
     if not csvs:
         return None
-    df = pd.read_csv(csvs[-1])
+    df = pd.concat([pd.read_csv(c) for c in csvs], ignore_index=True)
     if "epoch" not in df:
         return None
     series = {}
@@ -82,10 +84,25 @@ def train(cfg: DictConfig) -> float | None:
     with the error), so a sweep summary can tell failed jobs from finished ones.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    claim_run_dir(run_dir, {"task_name": cfg.task_name, "seed": int(cfg.seed)})
+    resume = None
+    if cfg.get("resume") and cfg.resume.get("enabled"):
+        diffs = check_resume_config(cfg, run_dir)
+        ckpt = resume_checkpoint(run_dir)
+        resume = {"checkpoint": ckpt, "index": record_resume(run_dir, ckpt, diffs) + 1}
+        log.info(f"resuming {run_dir} from {ckpt}" + (f" with forced changes {diffs}" if diffs else ""))
+    else:
+        claim_run_dir(run_dir, {"task_name": cfg.task_name, "seed": int(cfg.seed)})
     write_json(run_dir / "status.json", {"status": "running"})
     try:
-        value = _train(cfg, run_dir)
+        value = _train(cfg, run_dir, resume)
+    except (KeyboardInterrupt, SystemExit) as err:  # SIGTERM (SIGTERMException) or Ctrl-C (Lightning exits 1)
+        ckpt = run_dir / "checkpoints" / "interrupted.ckpt"
+        write_json(run_dir / "status.json", {"status": "interrupted", "error": type(err).__name__,
+                                             "checkpoint": str(ckpt) if ckpt.is_file() else None,
+                                             "resume": f"python train.py run_dir={run_dir} resume=true"})
+        log.warning(f"interrupted ({type(err).__name__}); resume with: python train.py run_dir={run_dir} resume=true")
+        # Lightning turns SIGTERM into SystemExit() (exit code 0): exit like a killed process instead
+        raise SystemExit(143 if type(err).__name__ == "SIGTERMException" else 130) from err
     except BaseException as err:
         write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         raise
@@ -94,8 +111,13 @@ def train(cfg: DictConfig) -> float | None:
     return value
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> float | None:
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> float | None:
+    if resume is None:
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    else:  # keep the run's config; loggers continue in a folder of their own (nothing overwritten)
+        atomic_write_bytes(run_dir / f"config_resume{resume['index']}.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+        if cfg.get("logger") and cfg.logger.get("csv"):
+            cfg.logger.csv.version = f"resume{resume['index']}"
     setup_runtime(cfg)
     # Build everything from the config first (cheap, fails fast on bad keys), then read the data.
     task = build_task(cfg)
@@ -109,12 +131,19 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     dm.setup("fit")  # reads + validates train/val now, so bad data fails before any training
     if dm.has_split("test"):
         dm.load_split("test")
-    digest = dm.write_splits(run_dir / "splits")
+    if resume is not None:
+        saved = json.loads((run_dir / "splits" / "splits.json").read_text())["sha256"]
+        digest = dm.write_splits(run_dir / "splits" / f"resume{resume['index']}")
+        if digest != saved:
+            raise RunDirError(f"resume refused: the data split differs from the run's (sha256 {digest[:12]} vs "
+                              f"{saved[:12]} in {run_dir}/splits/splits.json)")
+    else:
+        digest = dm.write_splits(run_dir / "splits")
     log.info(f"data: {dm.summary()} (splits sha256 {digest[:12]})")
 
     t0 = time.perf_counter()
     if cfg.get("train", True):
-        trainer.fit(task, datamodule=dm)
+        trainer.fit(task, datamodule=dm, ckpt_path=str(resume["checkpoint"]) if resume else None)
     fit_seconds = time.perf_counter() - t0
 
     ckpt = _best_checkpoint(trainer, run_dir)

@@ -1,0 +1,120 @@
+"""Resuming an interrupted run in its own folder: ``python train.py run_dir=<run> resume=true``.
+
+A run stopped by SIGTERM/SIGINT saves ``checkpoints/interrupted.ckpt`` (Lightning's
+``OnExceptionCheckpoint``, written atomically) and records ``status: interrupted``. Resuming
+recomposes the run's own overrides (``.hydra/overrides.yaml``) plus the new ones, keeps the original
+``.hydra/`` (the resume's Hydra files go to ``.hydra/resume_<time>/``), refuses a config whose model
+or data differ from the saved one unless ``resume.force=true``, and continues from the interrupted
+(else the last) checkpoint with the same loggers' folders.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from medtrust.runs.rundir import MARKER, RunDirError, check_run_dir
+
+RESUME_KEYS = ("model", "data", "loss")  # what must not change when resuming
+
+
+def _arg(argv: list[str], key: str) -> str | None:
+    for a in argv[1:]:
+        if a.startswith(f"{key}="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def prepare_train_argv(argv: list[str]) -> list[str]:
+    """Rewrite ``train.py``'s command line for a resume (no-op otherwise).
+
+    ``resume=true`` -> ``resume.enabled=true``; the run's saved overrides are put first (the new
+    ones win); ``hydra.run.dir`` is the run folder; Hydra's files of the resume go to
+    ``.hydra/resume_<time>`` so the run's original config is kept.
+
+    Raises:
+        RunDirError: ``run_dir`` without ``resume=true``, ``resume=true`` without ``run_dir``, a
+            missing / non-medtrust folder, or a completed run.
+    """
+    run_dir, resume = _arg(argv, "run_dir"), _arg(argv, "resume")
+    enabled = str(resume).lower() in ("true", "1", "yes") or str(_arg(argv, "resume.enabled")).lower() == "true"
+    if run_dir in (None, "null") and not enabled:
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv[1:]):
+        raise RunDirError("train.py: resume=true cannot be combined with -m (resume one run folder at a time)")
+    if run_dir in (None, "null"):
+        raise RunDirError("train.py: resume=true needs run_dir=<the interrupted run folder>")
+    if not enabled:
+        raise RunDirError(f"train.py: run_dir={run_dir} is only used to resume; add resume=true "
+                          "(a new run always gets a new folder)")
+    run = check_run_dir(run_dir)
+    status = json.loads((run / "status.json").read_text()).get("status") if (run / "status.json").exists() else None
+    if status == "completed":
+        raise RunDirError(f"train.py: {run} completed already (status.json); nothing to resume")
+    saved = [str(o) for o in OmegaConf.load(run / ".hydra" / "overrides.yaml")] \
+        if (run / ".hydra" / "overrides.yaml").exists() else []
+    new = [a for a in argv[1:] if not a.startswith(("run_dir=", "resume="))]
+    new_keys = {re.split(r"[=]", a.lstrip("+~"), maxsplit=1)[0] for a in new}
+    keep = [o for o in saved if re.split(r"=", o.lstrip("+~"), maxsplit=1)[0] not in new_keys
+            and not o.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return [argv[0], *keep, *new, "resume.enabled=true", f"run_dir={run}", f"hydra.run.dir={run}",
+            f"hydra.output_subdir=.hydra/resume_{stamp}"]
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def check_resume_config(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """Keys under model/data/loss whose resolved values differ from the run's saved ``config.yaml``.
+
+    Raises:
+        RunDirError: differences and not ``resume.force``.
+    """
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}.{k}")
+        elif a != b:
+            diffs.append(f"{prefix}: saved {a!r}, now {b!r}")
+
+    for key in RESUME_KEYS:
+        walk(_plain(saved.get(key)), _plain(cfg.get(key)), key)
+    if diffs and not cfg.resume.get("force", False):
+        shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
+        raise RunDirError(f"resume refused: the config differs from the run's saved config in {shown} "
+                          "(set resume.force=true to resume anyway)")
+    return diffs
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """``checkpoints/interrupted.ckpt`` if the run was interrupted, else ``checkpoints/last.ckpt``.
+
+    Raises:
+        RunDirError: neither exists.
+    """
+    for name in ("interrupted.ckpt", "last.ckpt"):
+        p = run_dir / "checkpoints" / name
+        if p.is_file():
+            return p
+    raise RunDirError(f"{run_dir}/checkpoints has no interrupted.ckpt or last.ckpt to resume from")
+
+
+def record_resume(run_dir: Path, ckpt: Path, diffs: list[str]) -> int:
+    """Append this resume to ``run.json`` (``resumes``); returns how many resumes there were before."""
+    marker = run_dir / MARKER
+    info = json.loads(marker.read_text())
+    resumes = info.setdefault("resumes", [])
+    resumes.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(ckpt), "forced_changes": diffs})
+    tmp = marker.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(marker)
+    return len(resumes) - 1
