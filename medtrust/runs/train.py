@@ -12,6 +12,7 @@ import lightning as L
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -103,12 +104,33 @@ def train(cfg: DictConfig) -> float | None:
         log.warning(f"interrupted ({type(err).__name__}); resume with: python train.py run_dir={run_dir} resume=true")
         # Lightning turns SIGTERM into SystemExit() (exit code 0): exit like a killed process instead
         raise SystemExit(143 if type(err).__name__ == "SIGTERMException" else 130) from err
-    except BaseException as err:
+    except Exception as err:
         write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        if _in_sweep() and cfg.get("sweep_continue_on_failure", True) and not _optuna_sweep():
+            # one failing job must not end a basic-sweeper multirun (Hydra re-raises a job's error
+            # after the batch): recorded in status.json and the summary, returned as NaN. The Optuna
+            # sweeper gets the exception itself, marks the trial FAILED and samples on
+            # (hydra.sweeper.max_failure_rate in conf/hparams_search/*_optuna.yaml).
+            log.exception(f"job failed, the sweep continues: {type(err).__name__}: {err}")
+            return float("nan")
         raise
     write_json(run_dir / "status.json", {"status": "completed", "optimized_metric": cfg.get("optimized_metric"),
                                          "value": value})
     return value
+
+
+def _in_sweep() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # no Hydra context (library use)
+        return False
+
+
+def _optuna_sweep() -> bool:
+    try:
+        return "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+    except ValueError:
+        return False
 
 
 def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> float | None:

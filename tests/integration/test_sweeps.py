@@ -1,0 +1,39 @@
+"""Optuna sweeps: the objective is what train.py returns, each trial has its own folder, and a
+failing trial is recorded without ending the sweep."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import TINY, run_script
+
+pytestmark = pytest.mark.integration
+
+
+def test_optuna_three_trials_with_one_failing(tmp_path):
+    sweep = tmp_path / "sweep"
+    # lr -1 makes the optimiser refuse to start: that trial fails, the others train
+    proc = run_script("train.py", "-m", "hparams_search=seg_optuna", *TINY, "trainer.max_epochs=1",
+                      'hydra.sweeper.params={model.optimizer.lr:"choice(0.003,-1.0)",loss:dice}',
+                      "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=2", f"hydra.sweep.dir={sweep}")
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 3
+    assert set(summary["status"]) == {"completed", "failed"}, summary[["status"]]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    values = [json.loads((sweep / str(j) / "status.json").read_text()).get("value") for j in summary["job"]]
+    # the objective Optuna saw is what train.py returned (val/seg/dice of the completed trials)
+    assert result["best_value"] == pytest.approx(max(v for v in values if v is not None))
+    assert result["best_params"]["model.optimizer.lr"] == 0.003
+    assert proc.returncode == 0
+
+
+def test_basic_sweep_goes_on_past_a_failing_job(tmp_path):
+    sweep = tmp_path / "grid"
+    proc = run_script("train.py", "-m", *TINY, "trainer.max_epochs=1", "model.optimizer.lr=-1.0,0.003",
+                      f"hydra.sweep.dir={sweep}")
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert proc.returncode == 0 and list(summary["status"]) == ["failed", "completed"]
+    assert "Invalid learning rate" in json.loads((sweep / "0" / "status.json").read_text())["error"]
