@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ def train(cfg: DictConfig) -> float | None:
     with the error), so a sweep summary can tell failed jobs from finished ones.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if global_rank() != 0:
+        # another DDP rank, started by Lightning in rank 0's folder: it trains, rank 0 writes
+        return _train(cfg, run_dir, None, writer=False)
     resume = None
     if cfg.get("resume") and cfg.resume.get("enabled"):
         diffs = check_resume_config(cfg, run_dir)
@@ -133,17 +137,25 @@ def _optuna_sweep() -> bool:
         return False
 
 
-def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> float | None:
-    if resume is None:
+def global_rank() -> int:
+    """This process's rank from the launcher's environment (0 when not distributed)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(key) is not None:
+            return int(os.environ[key])
+    return 0
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None, writer: bool = True) -> float | None:
+    if writer and resume is None:
         atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    else:  # keep the run's config; loggers continue in a folder of their own (nothing overwritten)
+    elif writer:  # keep the run's config; loggers continue in a folder of their own (nothing overwritten)
         atomic_write_bytes(run_dir / f"config_resume{resume['index']}.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
         if cfg.get("logger") and cfg.logger.get("csv"):
             cfg.logger.csv.version = f"resume{resume['index']}"
     setup_runtime(cfg)
     # Build everything from the config first (cheap, fails fast on bad keys), then read the data.
     task = build_task(cfg)
-    if getattr(task, "init_report", None):
+    if writer and getattr(task, "init_report", None):
         write_json(run_dir / "init_from.json", {"checkpoint": cfg.model.get("init_from"), **task.init_report})
     dm = instantiate(cfg.data)
     callbacks = instantiate_list(cfg.get("callbacks")) + explanation_callbacks(cfg.get("xai"), int(cfg.seed))
@@ -153,7 +165,9 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     dm.setup("fit")  # reads + validates train/val now, so bad data fails before any training
     if dm.has_split("test"):
         dm.load_split("test")
-    if resume is not None:
+    if not writer:
+        digest = ""
+    elif resume is not None:
         saved = json.loads((run_dir / "splits" / "splits.json").read_text())["sha256"]
         digest = dm.write_splits(run_dir / "splits" / f"resume{resume['index']}")
         if digest != saved:
@@ -167,6 +181,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     if cfg.get("train", True):
         trainer.fit(task, datamodule=dm, ckpt_path=str(resume["checkpoint"]) if resume else None)
     fit_seconds = time.perf_counter() - t0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the final evaluation is rank 0's alone: leave the process group so metric objects do not
+        # wait for ranks that have finished
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
     ckpt = _best_checkpoint(trainer, run_dir)
     if ckpt is not None:
