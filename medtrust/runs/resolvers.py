@@ -38,6 +38,33 @@ def progress_bar_enabled() -> bool:
     return os.environ.get("CI", "").lower() not in ("1", "true", "yes")
 
 
+def _hydra_runtime():
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get()
+    except ValueError:  # no Hydra context (library use)
+        return None
+
+
+def wandb_group(default: str) -> str:
+    """W&B group of a run: the sweep folder (``<task>/<time>``) for every job of a multirun, so a
+    sweep's jobs are compared together; ``default`` for a single run."""
+    hc = _hydra_runtime()
+    if hc is not None and str(hc.mode) == "RunMode.MULTIRUN":
+        return "sweep-" + Path(str(hc.sweep.dir)).name
+    return default
+
+
+def run_name() -> str:
+    """The run folder's name (``<time>`` or ``<sweep>/<job>``): the W&B run name."""
+    hc = _hydra_runtime()
+    if hc is None:
+        return "run"
+    out = Path(str(hc.runtime.output_dir))
+    return f"{out.parent.name}-{out.name}" if str(hc.mode) == "RunMode.MULTIRUN" else out.name
+
+
 def register_resolvers() -> None:
     pairs = {
         "project_root": (lambda: str(PROJECT_ROOT), False),
@@ -45,6 +72,8 @@ def register_resolvers() -> None:
         "fresh_dir": (fresh_dir, True),
         "progress_bar": (progress_bar_enabled, False),
         "eval_dir": (eval_dir, False),
+        "wandb_group": (wandb_group, False),
+        "run_name": (run_name, False),
     }
     for name, (fn, cache) in pairs.items():
         if not OmegaConf.has_resolver(name):

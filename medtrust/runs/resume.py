@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from medtrust.runs.rundir import MARKER, RunDirError, check_run_dir
+from medtrust.runs.rundir import MARKER, RunDirError, check_run_dir, update_run_json
 
 RESUME_KEYS = ("model", "data", "loss")  # what must not change when resuming
 
@@ -110,11 +110,7 @@ def resume_checkpoint(run_dir: Path) -> Path:
 
 def record_resume(run_dir: Path, ckpt: Path, diffs: list[str]) -> int:
     """Append this resume to ``run.json`` (``resumes``); returns how many resumes there were before."""
-    marker = run_dir / MARKER
-    info = json.loads(marker.read_text())
-    resumes = info.setdefault("resumes", [])
+    resumes = json.loads((run_dir / MARKER).read_text()).get("resumes", [])
     resumes.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(ckpt), "forced_changes": diffs})
-    tmp = marker.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(marker)
+    update_run_json(run_dir, {"resumes": resumes})
     return len(resumes) - 1

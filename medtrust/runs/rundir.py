@@ -53,6 +53,16 @@ def claim_run_dir(run_dir: str | Path, info: dict[str, Any] | None = None) -> Pa
     return run_dir
 
 
+def update_run_json(run_dir: str | Path, fields: dict[str, Any]) -> None:
+    """Add ``fields`` to the run's ``run.json`` (atomic replace)."""
+    marker = Path(run_dir) / MARKER
+    info = json.loads(marker.read_text())
+    info.update(fields)
+    tmp = marker.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(marker)
+
+
 def check_run_dir(run_dir: str | Path, key: str = "run_dir") -> Path:
     """Return ``run_dir`` as a Path if it is a medtrust run folder.
 

@@ -23,7 +23,7 @@ from medtrust.report.figures import plot_curves
 from medtrust.report.html import build_run_report
 from medtrust.report.summary import scalar_metrics
 from medtrust.runs.resume import check_resume_config, record_resume, resume_checkpoint
-from medtrust.runs.rundir import RunDirError, claim_run_dir, load_weights
+from medtrust.runs.rundir import RunDirError, claim_run_dir, load_weights, update_run_json
 from medtrust.utils.io import atomic_write_bytes, write_json
 from medtrust.utils.logging import get_logger
 
@@ -152,6 +152,9 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
         atomic_write_bytes(run_dir / f"config_resume{resume['index']}.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
         if cfg.get("logger") and cfg.logger.get("csv"):
             cfg.logger.csv.version = f"resume{resume['index']}"
+        wandb_id = json.loads((run_dir / "run.json").read_text()).get("wandb_id")
+        if wandb_id and cfg.get("logger") and cfg.logger.get("wandb"):
+            cfg.logger.wandb.id = wandb_id  # the same W&B run continues
     setup_runtime(cfg)
     # Build everything from the config first (cheap, fails fast on bad keys), then read the data.
     task = build_task(cfg)
@@ -160,6 +163,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
     dm = instantiate(cfg.data)
     callbacks = instantiate_list(cfg.get("callbacks")) + explanation_callbacks(cfg.get("xai"), int(cfg.seed))
     loggers = instantiate_list(cfg.get("logger"))
+    if writer:
+        for lg in loggers:
+            if type(lg).__name__ == "WandbLogger":
+                update_run_json(run_dir, {"wandb_id": lg.experiment.id, "wandb_dir": str(run_dir / "wandb")})
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     dm.setup("fit")  # reads + validates train/val now, so bad data fails before any training
@@ -198,10 +205,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
         splits = ["val"] + (["test"] if cfg.get("test", True) and dm.has_split("test") else [])
         for split in splits:
             results[split] = task.evaluate_split(dm, split, run_dir, cfg.get("evaluation"), extra, calibration)
-        _log_final(loggers, results)
+        _log_final(loggers, results, run_dir, cfg)
         training_curves(run_dir)
         report = build_run_report(run_dir, title=f"medtrust {cfg.task_name} run")
         log.info(f"run folder: {run_dir}  report: {report}")
+    _finish_wandb(loggers)
     return _metric_value(cfg, results)
 
 
@@ -214,13 +222,40 @@ def _best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def _log_final(loggers: list[Any], results: dict[str, Any]) -> None:
+def _log_final(loggers: list[Any], results: dict[str, Any], run_dir: Path | None = None,
+               cfg: DictConfig | None = None) -> None:
     flat = {}
     for split, res in results.items():
         flat.update({f"final/{split}/{k}": v for k, v in scalar_metrics(res, include_counts=True).items()})
     for lg in loggers:
         lg.log_metrics(flat)
+        if run_dir is not None and type(lg).__name__ == "WandbLogger":
+            _log_wandb_artifacts(lg, run_dir, cfg)
         lg.save()
+
+
+WANDB_TABLE_MAX_ROWS = 5000
+
+
+def _log_wandb_artifacts(lg: Any, run_dir: Path, cfg: DictConfig | None) -> None:
+    """Figures as W&B images and per-image CSVs as W&B tables (plus the full resolved config)."""
+    if cfg is not None:
+        lg.experiment.config.update({"medtrust": OmegaConf.to_container(cfg, resolve=True)}, allow_val_change=True)
+    for png in sorted((run_dir / "figures").rglob("*.png")):
+        lg.log_image(key=f"figures/{png.relative_to(run_dir / 'figures').with_suffix('').as_posix()}", images=[str(png)])
+    tables = sorted((run_dir / "metrics").glob("*_per_image.csv")) + sorted(run_dir.glob("*_predictions.csv")) \
+        + sorted((run_dir / "metrics").glob("*subgroup*.csv"))
+    for csv in tables:
+        df = pd.read_csv(csv)
+        if len(df) <= WANDB_TABLE_MAX_ROWS:
+            lg.log_table(key=f"tables/{csv.stem}", dataframe=df)
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """End this job's W&B run, so the next job of a multirun starts its own."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
 
 
 def _metric_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:

@@ -1,0 +1,26 @@
+"""logger=wandb (offline): one W&B run per multirun job, grouped by the sweep, with images and tables."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import TINY, run_script
+
+pytestmark = pytest.mark.integration
+
+
+def test_each_multirun_job_is_its_own_grouped_wandb_run_with_media(tmp_path):
+    sweep = tmp_path / "wb"
+    run_script("train.py", "-m", *TINY, "trainer.max_epochs=1", "logger=wandb", "loss=dice,tversky",
+               f"hydra.sweep.dir={sweep}")
+    ids = []
+    for job in ("0", "1"):
+        info = json.loads((sweep / job / "run.json").read_text())
+        runs = list((sweep / job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and runs[0].name.endswith(info["wandb_id"])  # the job's own run, in its folder
+        ids.append(info["wandb_id"])
+        media = runs[0] / "files" / "media"
+        assert list((media / "images").rglob("reliability*.png")) and list((media / "table").rglob("*.json"))
+        assert "'group': 'sweep-wb'" in (sweep / job / "wandb" / "debug.log").read_text()
+    assert ids[0] != ids[1]
