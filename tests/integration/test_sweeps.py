@@ -37,3 +37,22 @@ def test_basic_sweep_goes_on_past_a_failing_job(tmp_path):
     summary = pd.read_csv(sweep / "summary.csv")
     assert proc.returncode == 0 and list(summary["status"]) == ["failed", "completed"]
     assert "Invalid learning rate" in json.loads((sweep / "0" / "status.json").read_text())["error"]
+
+
+def test_submitit_local_launcher_runs_jobs_in_their_own_folders(tmp_path):
+    sweep = tmp_path / "sub"
+    run_script("train.py", "-m", "hydra/launcher=submitit_local", *TINY, "trainer.max_epochs=1", "loss=dice,tversky",
+               "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}")
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert list(summary["status"]) == ["completed", "completed"]
+    assert (sweep / ".submitit").is_dir()
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.timeout_min == 240
