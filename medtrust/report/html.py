@@ -100,6 +100,36 @@ def _limitations(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _mean(d: Any) -> Any:
+    return d.get("mean") if isinstance(d, Mapping) else d
+
+
+def _explanation_sections(run_dir: Path) -> list[str]:
+    """Localisation / faithfulness / sanity / stability tables from ``metrics/explanations.json``."""
+    p = run_dir / "metrics" / "explanations.json"
+    if not p.exists():
+        return []
+    r = json.loads(p.read_text())
+    rows = []
+    for name in r.get("maps", []):
+        loc = r.get("localisation", {}).get(name, {})
+        fa = r.get("faithfulness", {}).get(name, {})
+        sa = r.get("sanity", {}).get(name, {})
+        rows.append({"map": name, **{k: _mean(loc.get(k)) for k in ("pointing_game", "relevance_mass", "topk_iou",
+                                                                      "heatmap_auroc")},
+                     "undefined (of n)": f"{(loc.get('pointing_game') or {}).get('n_undefined', '')} of "
+                                         f"{(loc.get('pointing_game') or {}).get('n', '')}" if loc else "",
+                     "deletion AUC": _mean(fa.get("deletion_auc")), "insertion AUC": _mean(fa.get("insertion_auc")),
+                     "sanity ρ": _mean(sa.get("spearman_abs")), "sanity passes": sa.get("passes", "")})
+    out = [f"<h2>Explanations ({r.get('n_images')} images, {html.escape(str(r.get('split')))} split, target "
+           f"{html.escape(json.dumps(r.get('target')))})</h2>" + _table(rows, 3)]
+    stab = [{"map": name, "perturbation": pert, **{k: _mean(v) for k, v in met.items()}}
+            for name, by in r.get("stability", {}).items() for pert, met in by.items()]
+    if stab:
+        out.append("<h3>Stability against the unperturbed map</h3>" + _table(stab, 3))
+    return out
+
+
 def build_run_report(run_dir: str | Path, title: str | None = None) -> Path:
     """Write ``<run_dir>/report/index.html`` from the folder's contents and return its path."""
     run_dir = Path(run_dir)
@@ -133,6 +163,17 @@ def build_run_report(run_dir: str | Path, title: str | None = None) -> Path:
                 data_rows.append({"evaluated split": s, "source": d.get("source"), "split method": d.get("split_method"),
                                   "split sizes": d.get("split_counts"), "licence": lic or "see data set README / phantom (generated)"})
         parts.append("<h2>Data</h2>" + _table(data_rows))
+    quad = [{"split": sp, **m["quadrants"]["counts"], "confidence threshold": m["quadrants"].get("confidence_threshold")}
+            for sp, m in metrics.items() if isinstance(m.get("quadrants"), dict) and "counts" in m["quadrants"]]
+    if quad:
+        parts.append("<h2>Trust quadrants</h2>" + _table(quad))
+        for sp, m in metrics.items():
+            st = (m.get("quadrants") or {}).get("stability")
+            if st:
+                parts.append(f"<h3>{html.escape(sp)}: correct × confident × stable explanation "
+                             f"({html.escape(str(st.get('method')))}, threshold {st.get('threshold')})</h3>"
+                             + _table([{k: v for k, v in st["counts"].items() if v}]))
+    parts += _explanation_sections(run_dir)
     splits_json = run_dir / "splits" / "splits.json"
     if splits_json.exists():
         sj = json.loads(splits_json.read_text())
@@ -151,7 +192,13 @@ def build_run_report(run_dir: str | Path, title: str | None = None) -> Path:
         if p.exists():
             parts.append("<h2>Comparison</h2>" + _table(pd.read_csv(p).to_dict("records")))
 
-    lim = _limitations(metrics)
+    lim_sources = dict(metrics)
+    cmp_json = run_dir / "metrics" / "comparison.json"
+    if cmp_json.exists():  # a comparison page: limitations of the data the runs were compared on
+        c = json.loads(cmp_json.read_text())
+        d = c.get("data", {})
+        lim_sources["comparison"] = {"data": d, "n_images": (d.get("split_counts") or {}).get(c.get("split"), 0)}
+    lim = _limitations(lim_sources)
     if lim:
         parts.append("<h2>Known limitations</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lim) + "</ul>")
     cfg = run_dir / "config.yaml"

@@ -135,6 +135,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one run (``run_dir``) or compare several (``run_dirs``)."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     setup_runtime(cfg)
+    if cfg.get("report", "run") not in ("run", "compare"):
+        raise ValueError(f"report must be run or compare, got {cfg.report!r}")
+    if cfg.get("report") == "compare" and not cfg.get("run_dirs"):
+        raise ValueError('report=compare needs "run_dirs=[runA,runB,...]"')
     if cfg.get("run_dirs"):
         return compare(cfg, out_dir)
     if cfg.get("ensemble_runs"):
