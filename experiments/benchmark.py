@@ -17,6 +17,8 @@ Rows:
                   Pearson r of the maps, skipped fraction (~2-4 min on 2 cores).
   xai_callback    training with the explanation callback at its default settings vs without
                   (default config, all epochs, validation on): overhead ratio (target <= 0.15).
+  wandb_overhead  fit time with logger=wandb (offline) / logger=csv.
+  ddp             trainer=ddp on 2 CPU processes vs 1 process with 2 threads (fit time ratio).
   seg_flops       achieved FLOP/s of one Attention U-Net training step (counted with
                   torch.utils.flop_counter) as a fraction of this machine's fp32 matmul FLOP/s,
                   both measured in this run.
@@ -311,8 +313,51 @@ def row_xai_callback(args) -> dict:
             "epochs": int(cfg.trainer.max_epochs), "calls": len(cbs[0].seconds), "repeats": args.repeats}
 
 
+def row_wandb_overhead(args) -> dict:
+    """Fit time with logger=wandb (offline) vs logger=csv, same config, interleaved repeats."""
+    out = Path(args.out) / "wandb_overhead"
+    cfg_csv = compose_cfg(["callbacks.early_stopping=null", f"trainer.max_epochs={args.epochs}", *args.overrides], out)
+    cfg_wb = compose_cfg(["callbacks.early_stopping=null", f"trainer.max_epochs={args.epochs}", "logger=wandb",
+                          *args.overrides], out)
+    torch.set_num_threads(int(cfg_csv.threads))
+    dm = instantiate(cfg_csv.data)
+    dm.setup("fit")
+    csv, wb = [], []
+    for rep in range(args.repeats):
+        csv.append(fit_seconds(cfg_csv, dm, out / f"csv{rep}", []))
+        wb.append(fit_seconds(cfg_wb, dm, out / f"wandb{rep}", []))
+        import wandb
+
+        wandb.finish()
+    a, b = statistics.median(csv), statistics.median(wb)
+    return {"row": "wandb_overhead", "fit_s_csv": round(a, 1), "fit_s_wandb_offline": round(b, 1),
+            "ratio": round(b / a, 3), "epochs": args.epochs, "repeats": args.repeats}
+
+
+def row_ddp(args) -> dict:
+    """Training throughput of trainer=ddp with 2 CPU processes (1 thread each) vs 1 process with 2
+    threads, by train.py end to end (fit time from metrics/val.json)."""
+    import json
+    import os
+    import subprocess
+
+    out = Path(args.out) / "ddp"
+    res = {}
+    for name, extra in (("single_2threads", ["threads=2"]), ("ddp_2x1thread", ["trainer=ddp", "trainer.devices=2", "threads=1"])):
+        run = out / name
+        env = {**os.environ, "CI": "true", "WANDB_MODE": "offline"}
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *extra, f"trainer.max_epochs={args.epochs}",
+                        "callbacks.early_stopping=null", *args.overrides, f"hydra.run.dir={run}"],
+                       check=True, env=env, capture_output=True)
+        res[name] = json.loads((run / "metrics" / "val.json").read_text())["fit_seconds"]
+    return {"row": "ddp", "fit_s_single": res["single_2threads"], "fit_s_ddp": res["ddp_2x1thread"],
+            "throughput_ratio_ddp_over_single": round(res["single_2threads"] / res["ddp_2x1thread"], 3),
+            "epochs": args.epochs}
+
+
 ROWS = {"seg_throughput": row_seg_throughput, "seg_flops": row_seg_flops, "seg_dropout": row_seg_dropout,
-        "mc_dropout": row_mc_dropout, "scorecam": row_scorecam, "xai_callback": row_xai_callback}
+        "mc_dropout": row_mc_dropout, "scorecam": row_scorecam, "xai_callback": row_xai_callback,
+        "wandb_overhead": row_wandb_overhead, "ddp": row_ddp}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -19,6 +20,7 @@ from medtrust.metrics.stability import stability_vs_uncertainty
 from medtrust.report import figures
 from medtrust.report.html import build_run_report
 from medtrust.runs.evaluate import data_config_for, rebuild_task
+from medtrust.runs.resolvers import progress_bar_enabled
 from medtrust.runs.rundir import check_run_dir, claim_run_dir, find_checkpoint
 from medtrust.runs.train import setup_runtime
 from medtrust.utils.io import write_json
@@ -98,7 +100,7 @@ def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg:
     x, masks, labels, ids = gather(task, dm, split, list(range(n)), OmegaConf.to_container(xcfg.target), seed)
     seconds: dict[str, float] = {}
     by_method = {}
-    for name, m in methods.items():
+    for name, m in tqdm(methods.items(), desc="explanations", unit="method", disable=not progress_bar_enabled()):
         t0 = time.perf_counter()
         by_method[name] = run_methods({name: m}, x)
         seconds[name] = round(time.perf_counter() - t0, 2)
