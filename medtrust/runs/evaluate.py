@@ -230,6 +230,11 @@ def compare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     _same_preprocessing(runs[1:], base_cfg)
     dm = instantiate(base_cfg.data)
     split = "test" if cfg.split == "all" else str(cfg.split)
+    tasks = {str(load_run_config(r).get("task_name")) for r in runs}
+    if len(tasks) > 1:
+        raise RunDirError(f"run_dirs mix tasks {sorted(tasks)}: only runs of one task can be compared")
+    if tasks == {"classification"}:
+        return compare_classifiers(cfg, runs, base_cfg, dm, split, out_dir)
     rows, preds, dices, taken = [], {}, {}, set()
     gt = None
     for r in runs:
@@ -259,6 +264,48 @@ def compare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     {k: [float(v[i]) for i in ids] for k, v in dices.items()},
                     out_dir / "figures" / "comparison" / "comparison.png",
                     suptitle=f"{split}: images where the runs' Dice differs most")
+    write_json(out_dir / "metrics" / "comparison.json", {"split": split, "runs": rows, "data": dm.summary()})
+    build_run_report(out_dir, title="medtrust run comparison")
+    log.info(f"comparison written to {out_dir}\n{df.drop(columns='run_dir').to_string(index=False)}")
+    return {"runs": rows}
+
+
+def compare_classifiers(cfg: DictConfig, runs: list[Path], base_cfg: DictConfig, dm: Any, split: str,
+                        out_dir: Path) -> dict[str, Any]:
+    """Classifier runs on the same images: each with its own primary uncertainty method and the
+    temperature it fitted (calibration.json): AUROC, accuracy, ECE (equal-width and adaptive),
+    Brier, NLL, AURC, plus their risk-coverage curves in one figure."""
+    from medtrust.evaluation.classification import DEFAULTS, collect, method_logits, primary_method, probs_of
+    from medtrust.metrics.classification import compute_classification_metrics, risk_coverage
+    from medtrust.report import figures
+    from medtrust.runs.rundir import load_run_calibration
+
+    ev = {**DEFAULTS, **dict(cfg.get("evaluation") or {})}
+    rows, curves, taken = [], {}, set()
+    for r in runs:
+        run_cfg = load_run_config(r)
+        run_cfg.data = base_cfg.data
+        task = rebuild_task(run_cfg, find_checkpoint(r, str(cfg.checkpoint)))
+        cal = load_run_calibration(r) or {}
+        coll = collect(task, dm, split, int(ev["mc_seed"]))
+        if coll["labels"] is None:
+            raise ValueError(f"comparing classifiers needs labelled images in split {split!r}")
+        methods = method_logits(task, coll)
+        primary = cal.get("primary_method") or primary_method(methods, str(ev["uncertainty_method"]))
+        t = float(cal.get("temperatures", {}).get(primary, 1.0))
+        probs = probs_of(methods[primary], t)
+        m = compute_classification_metrics(probs, coll["labels"], int(ev["calibration_bins"]))
+        label = _label(r, taken)
+        rows.append({"run": label, "run_dir": str(r), "method": primary, "temperature": t,
+                     **{k: m[k] for k in ("auroc", "accuracy", "f1", "ece", "ece_adaptive", "brier", "nll", "aurc")}})
+        conf, pred = probs.max(1)
+        cov, risk = risk_coverage(conf, pred == coll["labels"])
+        curves[label] = (cov.numpy(), risk.numpy())
+    df = pd.DataFrame(rows)
+    atomic_write_bytes(out_dir / "comparison.csv", df.to_csv(index=False).encode())
+    atomic_write_bytes(out_dir / "comparison.md",
+                       (df.drop(columns="run_dir").to_markdown(index=False, floatfmt=".4f") + "\n").encode())
+    figures.plot_risk_coverage(curves, out_dir / "figures" / "comparison" / "risk_coverage.png")
     write_json(out_dir / "metrics" / "comparison.json", {"split": split, "runs": rows, "data": dm.summary()})
     build_run_report(out_dir, title="medtrust run comparison")
     log.info(f"comparison written to {out_dir}\n{df.drop(columns='run_dir').to_string(index=False)}")

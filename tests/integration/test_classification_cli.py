@@ -115,3 +115,15 @@ def test_explain_classifier_gradcam_scorecam_stability_vs_uncertainty(cls_run):
     assert (out / "figures" / "explanations" / "grid.png").is_file()
     proc = run_script("explain.py", f"run_dir={cls_run}", "xai=segmentation", check=False)
     assert proc.returncode != 0 and "does not apply to a classification task" in proc.stderr
+
+
+def test_compare_classifier_runs(cls_run, tmp_path):
+    out = tmp_path / "cmp"
+    run_script("evaluate.py", f"run_dirs=[{cls_run},{cls_run}]", "report=compare", "split=val", f"hydra.run.dir={out}")
+    df = pd.read_csv(out / "comparison.csv")
+    assert len(df) == 2 and {"auroc", "ece", "ece_adaptive", "brier", "aurc", "method", "temperature"} <= set(df)
+    assert df["auroc"].iloc[0] == pytest.approx(df["auroc"].iloc[1])  # same run twice: same numbers
+    val = json.loads((cls_run / "metrics" / "val.json").read_text())
+    assert df["auroc"].iloc[0] == pytest.approx(val["cls"]["auroc"], abs=1e-6)
+    assert (out / "figures" / "comparison" / "risk_coverage.png").is_file()
+    assert "Comparison" in (out / "report" / "index.html").read_text()

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, TINY, run_script
 
 pytestmark = pytest.mark.integration
 # enough steps per epoch that a signal lands inside an epoch; no early stopping so both runs do all epochs
-RUN = [*TINY, "data.source.n_images=120", "data.batch_size=4", "trainer.max_epochs=6", "callbacks.early_stopping=null"]
+RUN = [*TINY, "data.source.n_images=120", "data.batch_size=4", "trainer.max_epochs=4", "callbacks.early_stopping=null"]
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):

@@ -56,3 +56,10 @@ def test_slurm_launcher_config_composes():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.timeout_min == 240
+
+
+def test_sweep_over_a_key_that_does_not_exist_is_one_clear_message(tmp_path):
+    proc = run_script("train.py", "-m", *TINY, "model.optimizer.lrr=0.1,0.2", f"hydra.sweep.dir={tmp_path / 's'}",
+                      check=False)
+    assert proc.returncode != 0 and "lrr" in proc.stderr and "not in struct" in proc.stderr
+    assert not list((tmp_path / "s").glob("*/status.json"))  # no job started

@@ -24,3 +24,15 @@ def test_each_multirun_job_is_its_own_grouped_wandb_run_with_media(tmp_path):
         assert list((media / "images").rglob("reliability*.png")) and list((media / "table").rglob("*.json"))
         assert "'group': 'sweep-wb'" in (sweep / job / "wandb" / "debug.log").read_text()
     assert ids[0] != ids[1]
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
+    run = tmp_path / "run"
+    run_script("train.py", *TINY, "trainer.max_epochs=1", "logger=wandb", f"hydra.run.dir={run}")
+    wid = json.loads((run / "run.json").read_text())["wandb_id"]
+    # pretend it was interrupted after its last checkpoint, then resume (from last.ckpt)
+    (run / "status.json").write_text(json.dumps({"status": "interrupted"}))
+    run_script("train.py", f"run_dir={run}", "resume=true")
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(wid) for p in offline)
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
