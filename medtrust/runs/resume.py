@@ -88,6 +88,12 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> list[str]:
 
     for key in RESUME_KEYS:
         walk(_plain(saved.get(key)), _plain(cfg.get(key)), key)
+    old_ep, new_ep = OmegaConf.select(saved, "trainer.max_epochs"), OmegaConf.select(cfg, "trainer.max_epochs")
+    sched = str(OmegaConf.select(cfg, "model.scheduler._target_", default=""))
+    if old_ep != new_ep and "OneCycleLR" in sched:
+        # the one-cycle schedule's length is fixed at the start; the restored scheduler would step past its end
+        diffs.append(f"trainer.max_epochs: saved {old_ep!r}, now {new_ep!r} (the OneCycleLR schedule cannot be "
+                     "lengthened on resume)")
     if diffs and not cfg.resume.get("force", False):
         shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
         raise RunDirError(f"resume refused: the config differs from the run's saved config in {shown} "
