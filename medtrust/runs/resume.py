@@ -10,7 +10,9 @@ or data differ from the saved one unless ``resume.force=true``, and continues fr
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,10 @@ def prepare_train_argv(argv: list[str]) -> list[str]:
         RunDirError: ``run_dir`` without ``resume=true``, ``resume=true`` without ``run_dir``, a
             missing / non-medtrust folder, or a completed run.
     """
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        # a DDP rank started by Lightning with rank 0's (already rewritten) command line and its own
+        # hydra.run.dir / hydra.output_subdir=null: rewriting again would give it a .hydra folder of its own
+        return argv
     run_dir, resume = _arg(argv, "run_dir"), _arg(argv, "resume")
     enabled = str(resume).lower() in ("true", "1", "yes") or str(_arg(argv, "resume.enabled")).lower() == "true"
     if run_dir in (None, "null") and not enabled:
@@ -120,3 +126,33 @@ def record_resume(run_dir: Path, ckpt: Path, diffs: list[str]) -> int:
     resumes.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(ckpt), "forced_changes": diffs})
     update_run_json(run_dir, {"resumes": resumes})
     return len(resumes) - 1
+
+
+class SigtermWatch:
+    """Remembers that this process received SIGTERM, so a run stopped by a signal is recorded as
+    interrupted even when the error that ends it is a peer's (under DDP a signal reaches every rank,
+    and rank 0 may first see gloo's "Connection reset by peer" from a rank that is already gone).
+
+    While Lightning fits, its own SIGTERM handler runs first (it stops at the next batch boundary)
+    and calls this one too (Lightning keeps existing handlers). Outside fit this one is the only
+    handler and ends the process like a plain SIGTERM would (``SystemExit(143)``).
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self.fitting = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = True
+        if not self.fitting:
+            raise SystemExit(143)
+
+    def __enter__(self) -> SigtermWatch:
+        self.received, self.fitting = False, False  # one watch per job (multirun jobs share a process)
+        self._previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGTERM, self._previous)

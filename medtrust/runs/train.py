@@ -22,7 +22,7 @@ from medtrust.callbacks.explanations import explanation_callbacks
 from medtrust.report.figures import plot_curves
 from medtrust.report.html import build_run_report
 from medtrust.report.summary import scalar_metrics
-from medtrust.runs.resume import check_resume_config, record_resume, resume_checkpoint
+from medtrust.runs.resume import SigtermWatch, check_resume_config, record_resume, resume_checkpoint
 from medtrust.runs.rundir import RunDirError, claim_run_dir, load_weights, update_run_json
 from medtrust.utils.io import atomic_write_bytes, write_json
 from medtrust.utils.logging import get_logger
@@ -87,8 +87,13 @@ def train(cfg: DictConfig) -> float | None:
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if global_rank() != 0:
-        # another DDP rank, started by Lightning in rank 0's folder: it trains, rank 0 writes
-        return _train(cfg, run_dir, None, writer=False)
+        # another DDP rank, started by Lightning in rank 0's folder: it trains, rank 0 writes. On a
+        # resume it must start from the same checkpoint as rank 0 (rank 0 has checked and recorded it).
+        resuming = bool(cfg.get("resume") and cfg.resume.get("enabled"))
+        if resuming:
+            log.logger.info(f"rank {global_rank()}: resuming from {resume_checkpoint(run_dir)}")
+        return _train(cfg, run_dir, {"checkpoint": resume_checkpoint(run_dir), "index": None} if resuming else None,
+                      writer=False)
     resume = None
     if cfg.get("resume") and cfg.resume.get("enabled"):
         diffs = check_resume_config(cfg, run_dir)
@@ -99,16 +104,13 @@ def train(cfg: DictConfig) -> float | None:
         claim_run_dir(run_dir, {"task_name": cfg.task_name, "seed": int(cfg.seed)})
     write_json(run_dir / "status.json", {"status": "running"})
     try:
-        value = _train(cfg, run_dir, resume)
+        with _SIGTERM:
+            value = _train(cfg, run_dir, resume)
     except (KeyboardInterrupt, SystemExit) as err:  # SIGTERM (SIGTERMException) or Ctrl-C (Lightning exits 1)
-        ckpt = run_dir / "checkpoints" / "interrupted.ckpt"
-        write_json(run_dir / "status.json", {"status": "interrupted", "error": type(err).__name__,
-                                             "checkpoint": str(ckpt) if ckpt.is_file() else None,
-                                             "resume": f"python train.py run_dir={run_dir} resume=true"})
-        log.warning(f"interrupted ({type(err).__name__}); resume with: python train.py run_dir={run_dir} resume=true")
-        # Lightning turns SIGTERM into SystemExit() (exit code 0): exit like a killed process instead
-        raise SystemExit(143 if type(err).__name__ == "SIGTERMException" else 130) from err
+        _interrupted(run_dir, err)
     except Exception as err:
+        if _SIGTERM.received:  # the signal came first; this error is its consequence (e.g. a DDP peer gone)
+            _interrupted(run_dir, err)
         write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         if _in_sweep() and cfg.get("sweep_continue_on_failure", True) and not _optuna_sweep():
             # one failing job must not end a basic-sweeper multirun (Hydra re-raises a job's error
@@ -121,6 +123,22 @@ def train(cfg: DictConfig) -> float | None:
     write_json(run_dir / "status.json", {"status": "completed", "optimized_metric": cfg.get("optimized_metric"),
                                          "value": value})
     return value
+
+
+_SIGTERM = SigtermWatch()
+
+
+def _interrupted(run_dir: Path, err: BaseException) -> None:
+    """Record an interrupted run (status + resume command) and exit like a killed process."""
+    ckpt = run_dir / "checkpoints" / "interrupted.ckpt"
+    sigterm = _SIGTERM.received or type(err).__name__ == "SIGTERMException"
+    write_json(run_dir / "status.json", {"status": "interrupted", "error": f"{type(err).__name__}: {err}".rstrip(": "),
+                                         "signal": "SIGTERM" if sigterm else "SIGINT",
+                                         "checkpoint": str(ckpt) if ckpt.is_file() else None,
+                                         "resume": f"python train.py run_dir={run_dir} resume=true"})
+    log.warning(f"interrupted ({type(err).__name__}); resume with: python train.py run_dir={run_dir} resume=true")
+    # Lightning turns SIGTERM into SystemExit() (exit code 0): exit like a killed process instead
+    raise SystemExit(143 if sigterm else 130) from err
 
 
 def _in_sweep() -> bool:
@@ -186,7 +204,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
 
     t0 = time.perf_counter()
     if cfg.get("train", True):
-        trainer.fit(task, datamodule=dm, ckpt_path=str(resume["checkpoint"]) if resume else None)
+        _SIGTERM.fitting = True  # Lightning's handler stops at the next batch and checkpoints
+        try:
+            trainer.fit(task, datamodule=dm, ckpt_path=str(resume["checkpoint"]) if resume else None)
+        finally:
+            _SIGTERM.fitting = False
     fit_seconds = time.perf_counter() - t0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # the final evaluation is rank 0's alone: leave the process group so metric objects do not

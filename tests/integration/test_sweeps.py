@@ -63,3 +63,24 @@ def test_sweep_over_a_key_that_does_not_exist_is_one_clear_message(tmp_path):
                       check=False)
     assert proc.returncode != 0 and "lrr" in proc.stderr and "not in struct" in proc.stderr
     assert not list((tmp_path / "s").glob("*/status.json"))  # no job started
+
+
+def test_optuna_study_persists_in_sqlite_and_a_second_sweep_continues_it(tmp_path):
+    """storage=sqlite:///... keeps the study: a second sweep (its own folder) adds trials to it, and the
+    study can be inspected with optuna afterwards (needs sqlalchemy<2 / alembic<1.20 with optuna 2.10)."""
+    import optuna
+
+    db = tmp_path / "optuna.db"
+    common = ["hparams_search=seg_optuna", *TINY, "trainer.max_epochs=1", f"hydra.sweeper.storage=sqlite:///{db}",
+              'hydra.sweeper.params={model.optimizer.lr:"choice(0.003,0.001)",loss:dice}']
+    run_script("train.py", "-m", *common, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'a'}")
+    run_script("train.py", "-m", *common, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'b'}")
+    study = optuna.load_study(study_name="seg_optuna", storage=f"sqlite:///{db}")
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 3
+    returned = [json.loads((tmp_path / s / str(j) / "status.json").read_text())["value"]
+                for s, j in (("a", 0), ("a", 1), ("b", 0))]
+    assert sorted(t.value for t in trials) == pytest.approx(sorted(returned))
+    best = yaml.safe_load((tmp_path / "b" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(returned))  # the second sweep reports the whole study's best
+    assert (tmp_path / "a" / "summary.csv").exists() and (tmp_path / "b" / "summary.csv").exists()

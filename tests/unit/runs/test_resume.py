@@ -36,3 +36,30 @@ def test_argv_without_resume_is_untouched_and_run_dir_alone_is_refused(tmp_path)
         prepare_train_argv(["train.py", f"run_dir={tmp_path}"])
     with pytest.raises(RunDirError, match="needs run_dir"):
         prepare_train_argv(["train.py", "resume=true"])
+
+
+def test_a_ddp_child_keeps_the_command_line_rank_0_prepared(tmp_path, monkeypatch):
+    argv = ["train.py", "resume.enabled=true", f"run_dir={tmp_path}", "hydra.output_subdir=null"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert prepare_train_argv(argv) == argv  # no second rewrite, no .hydra/resume_* of its own
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RunDirError, match="not a medtrust run|not found"):
+        prepare_train_argv(argv)
+
+
+def test_sigterm_watch_records_the_signal_and_exits_outside_fit():
+    import os
+    import signal
+
+    from medtrust.runs.resume import SigtermWatch
+
+    before = signal.getsignal(signal.SIGTERM)
+    with SigtermWatch() as watch:
+        watch.fitting = True  # inside fit: only recorded (Lightning stops at the next batch)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.received
+        watch.fitting = False
+        with pytest.raises(SystemExit) as exc:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exc.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is before
