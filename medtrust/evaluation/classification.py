@@ -20,6 +20,12 @@ from medtrust.metrics.classification import (
 )
 from medtrust.metrics.stats import bootstrap_ci
 from medtrust.metrics.stability import stability_vs_uncertainty
+from medtrust.metrics.subgroups import (
+    SUBGROUP_DEFAULTS,
+    attribute_frame,
+    classification_subgroups,
+    write_subgroup_csvs,
+)
 from medtrust.report import figures
 from medtrust.xai.perturb import dropout_modules
 from medtrust.utils.io import write_json
@@ -28,6 +34,7 @@ from medtrust.utils.logging import get_logger
 log = get_logger(__name__)
 
 DEFAULTS: dict[str, Any] = {
+    "subgroups": SUBGROUP_DEFAULTS,   # per-group metrics and gaps (see medtrust.metrics.subgroups)
     "calibration_bins": 15,
     "bootstrap": 1000,            # resamples for the ECE/AUROC confidence intervals
     "uncertainty_method": "auto",  # auto | deterministic | mc_dropout | ensemble
@@ -204,6 +211,11 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
         write_json(mdir / f"{split}.json", result)
         return result
 
+    sub_cfg = {**SUBGROUP_DEFAULTS, **dict(c["subgroups"] or {})}
+    attrs = attribute_frame(recs, sub_cfg["attributes"])
+    attrs.columns = [a if a not in pred_df.columns and a not in ("label", "correct", "quadrant") else f"attr_{a}"
+                     for a in attrs.columns]
+    pred_df = pd.concat([pred_df, attrs], axis=1)
     correct = pred == labels
     confident = conf >= thr
     pred_df.insert(3, "label", labels.numpy())
@@ -256,6 +268,11 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
         "ci95": cis, "cal": {"ece": cls["ece"], "brier": cls["brier"], "reliability": cls["reliability"]},
         "methods": rows, "quadrants": quadrants,
     })
+    if len(attrs.columns):
+        result["subgroups"] = classification_subgroups(pred_df, list(attrs.columns), probs.shape[1],
+                                                       int(sub_cfg["min_group_size"]), int(sub_cfg["bootstrap"]),
+                                                       int(c["mc_seed"]))
+        write_subgroup_csvs(result["subgroups"], mdir, split)
     fails = export_failure_cases(datamodule, split, pred_df, out_dir / "failure_cases", int(c["n_failure_cases"]))
     result["failure_cases"] = fails
     if c["figures"]:
@@ -303,7 +320,10 @@ def _image(dm: Any, split: str, i: int) -> np.ndarray:
 
 
 def export_failure_cases(dm: Any, split: str, df: pd.DataFrame, folder: Path, k: int) -> dict[str, int]:
-    """Most confident errors and most uncertain correct predictions: PNG per image + index.csv."""
+    """Most confident errors and most uncertain correct predictions of ``split``:
+    ``<folder>/<split>/<kind>/<rank>_<id>.png`` and ``<folder>/<split>/index.csv`` (one folder per
+    split, so val and test cases never mix)."""
+    folder = folder / split
     folder.mkdir(parents=True, exist_ok=True)
     picks = {
         "confident_errors": df[~df["correct"]].sort_values("confidence", ascending=False).head(k),
@@ -318,8 +338,10 @@ def export_failure_cases(dm: Any, split: str, df: pd.DataFrame, folder: Path, k:
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / name / fname)
             index.append({"kind": name, "file": f"{name}/{fname}", "id": row["id"], "path": row["path"],
                           "label": int(row["label"]), "pred": int(row["pred"]), "confidence": float(row["confidence"]),
-                          "entropy": float(row["entropy"]), "mutual_information": float(row["mutual_information"])})
-    pd.DataFrame(index).to_csv(folder / f"{split}_index.csv", index=False)
+                          "entropy": float(row["entropy"]), "mutual_information": float(row["mutual_information"]),
+                          **({"explanation_stability": float(row["explanation_stability"])}
+                             if "explanation_stability" in row else {})})
+    pd.DataFrame(index).to_csv(folder / "index.csv", index=False)
     return {name: len(sub) for name, sub in picks.items()}
 
 

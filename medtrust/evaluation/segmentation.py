@@ -20,6 +20,12 @@ from medtrust.metrics.segmentation import (
     per_image_scores,
     threshold_sweep,
 )
+from medtrust.metrics.subgroups import (
+    SUBGROUP_DEFAULTS,
+    attribute_frame,
+    segmentation_subgroups,
+    write_subgroup_csvs,
+)
 from medtrust.report import figures
 from medtrust.utils.io import write_json
 from medtrust.utils.logging import get_logger
@@ -33,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "n_overlays": 6,
     "batch_size_abc": 6,
     "figures": True,
+    "subgroups": SUBGROUP_DEFAULTS,   # per-group Dice / recall and gaps (see medtrust.metrics.subgroups)
 }
 
 
@@ -127,6 +134,10 @@ def evaluate_segmentation(
         "pred_fraction": (probs >= thr).float().flatten(1).mean(1).numpy(),
         "mean_pixel_entropy": ent,
     })
+    sub_cfg = {**SUBGROUP_DEFAULTS, **dict(c["subgroups"] or {})}
+    attrs = attribute_frame(recs, sub_cfg["attributes"])
+    attrs.columns = [a if a not in per_image.columns else f"attr_{a}" for a in attrs.columns]
+    per_image = pd.concat([per_image, attrs], axis=1)
     mdir = out_dir / "metrics"
     mdir.mkdir(parents=True, exist_ok=True)
     per_image.to_csv(mdir / f"{split}_per_image.csv", index=False)
@@ -144,6 +155,10 @@ def evaluate_segmentation(
     if c["figures"]:
         result["figures"] = _figures(datamodule, split, probs, target, recs, per, seg, cal, sweep, prec, rec, ap,
                                      thr, out_dir / "figures" / split, c)
+    if len(attrs.columns):
+        result["subgroups"] = segmentation_subgroups(per_image, list(attrs.columns), ("dice", "iou", "recall"),
+                                                     int(sub_cfg["min_group_size"]), int(sub_cfg["bootstrap"]))
+        write_subgroup_csvs(result["subgroups"], mdir, split)
     write_json(mdir / f"{split}.json", result)
     log.info(f"{split}: " + ", ".join(f"{k} {seg[k]:.4f}" for k in METRIC_NAMES) + f", ECE {cal['ece']:.4f}")
     return result

@@ -130,6 +130,76 @@ def _explanation_sections(run_dir: Path) -> list[str]:
     return out
 
 
+def _subgroup_sections(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per split and attribute: groups x metrics, then the gaps with their bootstrap CIs."""
+    out = []
+    for split, m in metrics.items():
+        sub = m.get("subgroups")
+        if not isinstance(sub, Mapping) or not sub.get("attributes"):
+            continue
+        out.append(f"<h2>Subgroups ({html.escape(split)}): is the error spread evenly?</h2>"
+                   f"<p class=muted>Groups smaller than {sub.get('min_group_size')} images are listed but not in the "
+                   f"gaps. gap = highest − lowest group; 95 % CI = stratified bootstrap of that pair's signed "
+                   f"difference ({sub.get('bootstrap')} resamples; containing 0 = no evidence for that pair); "
+                   "permutation p = chance of a gap this large among groups that do not differ (accounts for "
+                   "picking the extreme pair). Prevalence gaps describe the data, not the model.</p>")
+        for attr, a in sub["attributes"].items():
+            groups = [{"group": g, **vals} for g, vals in a.get("groups", {}).items()]
+            gaps = []
+            for metric, gp in a.get("gaps", {}).items():
+                ci = gp.get("ci95")
+                gaps.append({"metric": metric, "gap": gp.get("gap"), "95 % CI (highest − lowest)":
+                             f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and None not in ci else "",
+                             "permutation p": gp.get("p_value", ""), "ratio (min/max)": gp.get("ratio"),
+                             "lowest": gp.get("lowest"), "highest": gp.get("highest")})
+            small = a.get("small_groups") or []
+            out.append(f"<h3>{html.escape(attr)}</h3>" + _table(groups, 3) + (_table(gaps, 3) if gaps else
+                       "<p class=muted>fewer than two groups large enough for a gap</p>")
+                       + (f"<p class=muted>small groups: {html.escape(', '.join(map(str, small)))}</p>" if small else ""))
+    return out
+
+
+def _thumb(path: Path, caption: str, width: int = 128) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(caption)}" width={width} src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _failure_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: int = 8) -> list[str]:
+    """Classifier: the exported failure cases (most confident errors, most uncertain correct) as
+    thumbnails; segmenter: the worst images by Dice with their per-image scores and the worst batch."""
+    out = []
+    for split, m in metrics.items():
+        index = run_dir / "failure_cases" / split / "index.csv"
+        if index.exists():
+            df = pd.read_csv(index)
+            out.append(f"<h2>Failure cases ({html.escape(split)})</h2>")
+            for kind, sub in df.groupby("kind", sort=False):
+                figs = []
+                for _, r in sub.iterrows():
+                    img = index.parent / str(r["file"])
+                    if img.exists():
+                        figs.append(_thumb(img, f"{r['id']}: y={r['label']} pred={r['pred']} "
+                                                f"p={r['confidence']:.2f} H={r['entropy']:.2f}"))
+                out.append(f"<h3>{html.escape(str(kind).replace('_', ' '))} ({len(sub)})</h3>" + "".join(figs))
+            continue
+        per = run_dir / "metrics" / f"{split}_per_image.csv"
+        if m.get("task") == "segmentation" and per.exists():
+            df = pd.read_csv(per).sort_values("dice", na_position="first").head(k)
+            cols = [c for c in df.columns if c not in ("path",)]
+            out.append(f"<h2>Failure cases ({html.escape(split)}): the {len(df)} lowest-Dice images</h2>"
+                       + _table(df[cols].to_dict("records"), 3))
+            worst = run_dir / "figures" / split / "batch_c_worst.png"
+            if worst.exists():
+                out.append(_img(worst, f"{split}: worst batch (image, ground truth, prediction)"))
+    return out
+
+
+# Sections from what later tasks write (anomaly maps, generated samples, audits) register here:
+# each takes (run_dir, metrics by split) and returns HTML fragments; they go after the built-in ones.
+EXTRA_SECTIONS: list[Any] = []
+
+
 def build_run_report(run_dir: str | Path, title: str | None = None) -> Path:
     """Write ``<run_dir>/report/index.html`` from the folder's contents and return its path."""
     run_dir = Path(run_dir)
@@ -173,7 +243,11 @@ def build_run_report(run_dir: str | Path, title: str | None = None) -> Path:
                 parts.append(f"<h3>{html.escape(sp)}: correct × confident × stable explanation "
                              f"({html.escape(str(st.get('method')))}, threshold {st.get('threshold')})</h3>"
                              + _table([{k: v for k, v in st["counts"].items() if v}]))
+    parts += _subgroup_sections(metrics)
     parts += _explanation_sections(run_dir)
+    parts += _failure_sections(run_dir, metrics)
+    for section in EXTRA_SECTIONS:
+        parts += section(run_dir, metrics)
     splits_json = run_dir / "splits" / "splits.json"
     if splits_json.exists():
         sj = json.loads(splits_json.read_text())

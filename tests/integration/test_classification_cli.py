@@ -42,7 +42,19 @@ def test_classifier_run_folder(cls_run):
     preds = pd.read_csv(cls_run / "test_predictions.csv")
     assert {"path", "patient_id", "label", "prob_1", "entropy", "mutual_information", "variance", "quadrant",
             "explanation_stability", "quadrant_stability"} <= set(preds)
-    assert (cls_run / "failure_cases" / "test_index.csv").is_file()
+    assert (cls_run / "failure_cases" / "test" / "index.csv").is_file()
+    # the phantom's sensitive attributes travel with each prediction and give per-group metrics
+    assert {"sex", "age_group", "race"} <= set(preds)
+    sub = json.loads((cls_run / "metrics" / "test.json").read_text())["subgroups"]["attributes"]
+    assert sum(g["n"] for g in sub["sex"]["groups"].values()) == len(preds)
+    table = pd.read_csv(cls_run / "metrics" / "test_subgroups.csv")
+    assert set(table["attribute"]) >= {"sex", "age_group", "race"} and table.groupby("attribute")["n"].sum().eq(len(preds)).all()
+    # the report shows them, and the failure cases as embedded thumbnails
+    page = (cls_run / "report" / "index.html").read_text()
+    assert "Subgroups (test)" in page and "<h3>sex</h3>" in page
+    n_cases = len(pd.read_csv(cls_run / "failure_cases" / "test" / "index.csv"))
+    section = page.split("<h2>Failure cases (test)</h2>")[1].split("<h2>")[0]
+    assert n_cases > 0 and section.count("data:image/png;base64") == n_cases
     for f in ("reliability.png", "risk_coverage.png", "uncertainty_hist.png", "trust_quadrants.png"):
         assert (cls_run / "figures" / "test" / f).is_file()
 

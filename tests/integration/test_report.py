@@ -11,6 +11,8 @@ pytestmark = [pytest.mark.integration,
 
 
 def test_run_and_compare_reports_render_without_broken_images(tiny_run, tmp_path):
+    page = (tiny_run / "report" / "index.html").read_text()
+    assert "lowest-Dice images" in page and "Subgroups (test)" in page  # failure cases + per-group table
     res = check_report(tiny_run / "report" / "index.html", tmp_path / "run.png")
     assert res["images"] >= 5 and res["broken"] == 0
     assert (tmp_path / "run.png").stat().st_size > 10_000  # a real page, not a blank screenshot
