@@ -56,11 +56,34 @@ def test_evaluate_rebuilds_the_run_and_reproduces_its_test_metrics(tiny_run):
     assert (evals[-1] / "report" / "index.html").is_file()
 
 
+def _metrics_files(run):
+    """Every file in metrics/, with the run folder's path and wall-clock timings taken out."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if not k.endswith("seconds")}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    out = {}
+    for p in sorted((run / "metrics").iterdir()):
+        text = p.read_text().replace(str(run), "<run>")
+        out[p.name] = strip(json.loads(text)) if p.suffix == ".json" else text
+    return out
+
+
 def test_same_config_and_seed_give_identical_metrics(tiny_run, tmp_path):
+    """All of metrics/*.json and *.csv (per-image scores, sweeps, subgroups with their bootstrap and
+    permutation tests) are identical, not just close."""
     run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'again'}")
-    a = json.loads((tiny_run / "metrics" / "test.json").read_text())
-    b = json.loads((tmp_path / "again" / "metrics" / "test.json").read_text())
-    assert a["seg"] == b["seg"] and a["cal"]["ece"] == b["cal"]["ece"]
+    a, b = _metrics_files(tiny_run), _metrics_files(tmp_path / "again")
+    assert set(a) == set(b) and {"test.json", "val.json", "test_subgroups.csv", "test_per_image.csv"} <= set(a)
+    for name in a:
+        assert a[name] == b[name], name
+
+
+def test_tensorboard_logger_writes_event_files(tmp_path):
+    run_script("train.py", *TINY, "trainer.max_epochs=1", "logger=tensorboard", f"hydra.run.dir={tmp_path / 'tb'}")
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
 
 
 def test_a_new_run_never_writes_into_an_existing_run_folder(tiny_run):
