@@ -3,6 +3,8 @@ fixed, seeded validation subset, every N epochs."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +14,14 @@ import torch
 from medtrust.utils.logging import get_logger
 from medtrust.xai.methods import ExplanationMethod, run_methods
 from medtrust.xai.perturb import perturbed_maps, stability_table
-from medtrust.xai.pipeline import build_methods, gather, localisation_table, subset_indices, summarise
+from medtrust.xai.pipeline import (
+    build_methods,
+    gather,
+    localisation_table,
+    save_explanation_grid,
+    subset_indices,
+    summarise,
+)
 
 log = get_logger(__name__)
 SELECT_KEY = "val/xai/select"
@@ -42,11 +51,16 @@ class ExplanationCallback(L.Callback):
         topk: top-k fraction for top-k overlaps.
         select: optional checkpoint-selection metric (see above).
         seed: subset and perturbation seed.
+        figure_dir: where each measurement's explanation grid goes (``xai_epoch_<e>.png``, first
+            ``n_figure_images`` images of the subset; also sent to a W&B logger as ``xai/grid``);
+            None = no figures.
+        n_figure_images: rows of that grid.
     """
 
     def __init__(self, methods: Any, target: Mapping[str, Any],
                  every_n_epochs: int = 5, n_images: int = 8, stability: Mapping[str, Any] | None = None,
-                 topk: float = 0.1, select: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+                 topk: float = 0.1, select: Mapping[str, Any] | None = None, seed: int = 0,
+                 figure_dir: str | None = None, n_figure_images: int = 4) -> None:
         super().__init__()
         if every_n_epochs < 0 or n_images < 1:
             raise ValueError(f"xai.callback: every_n_epochs must be >= 0 and n_images >= 1, got {every_n_epochs}, {n_images}")
@@ -56,6 +70,7 @@ class ExplanationCallback(L.Callback):
         self.target, self.every = dict(target), int(every_n_epochs)
         self.n_images, self.stability = int(n_images), dict(stability or {})
         self.topk, self.seed = float(topk), int(seed)
+        self.figure_dir, self.n_figure_images = (Path(figure_dir) if figure_dir else None), int(n_figure_images)
         self.select = dict(select) if select else None
         if self.select and not {"metric", "constraint", "within"} <= set(self.select):
             raise ValueError(f"xai.callback.select needs metric, constraint and within; got {sorted(self.select)}")
@@ -73,15 +88,19 @@ class ExplanationCallback(L.Callback):
         e = trainer.current_epoch
         return (e + 1) % self.every == 0 or e + 1 >= (trainer.max_epochs or 0) or e == 0
 
-    def measure(self, pl_module: torch.nn.Module, dm: Any, split: str = "val") -> dict[str, float]:
-        """All configured metrics on the fixed subset of ``split``: ``{"<map>/<metric>": mean}``."""
+    def measure(self, pl_module: torch.nn.Module, dm: Any, split: str = "val",
+                figure: Path | None = None) -> dict[str, float]:
+        """All configured metrics on the fixed subset of ``split``: ``{"<map>/<metric>": mean}``;
+        with ``figure``, also the explanation grid of its first images there."""
         n_total = len(dm.dataset(split))
-        x, masks, _, _ = gather(pl_module, dm, split, subset_indices(n_total, self.n_images, self.seed),
-                                self.target, self.seed)
+        x, masks, labels, ids = gather(pl_module, dm, split, subset_indices(n_total, self.n_images, self.seed),
+                                       self.target, self.seed)
         out: dict[str, float] = {}
+        all_maps: dict[str, torch.Tensor] = {}
         with torch.inference_mode(False), torch.enable_grad():
             for method in self.methods.values():
                 ref = run_methods({"m": method}, x)
+                all_maps.update(ref)
                 for name, per in localisation_table(ref, masks, self.topk).items():
                     for metric, vals in per.items():
                         s = summarise(vals)
@@ -94,6 +113,12 @@ class ExplanationCallback(L.Callback):
                             s = summarise(vals)
                             if s["mean"] is not None:
                                 out[f"{name}/{p}_{metric}"] = s["mean"]
+        if figure is not None:
+            k = min(self.n_figure_images, len(ids))
+            sub = replace(x, images=x.images[:k], raw=list(x.raw[:k]))  # the grid reads images and raw only
+            save_explanation_grid(pl_module, sub, None if masks is None else masks[:k],
+                                  None if labels is None else labels[:k], {n: m[:k] for n, m in all_maps.items()},
+                                  list(ids[:k]), figure)
         return out
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -104,9 +129,16 @@ class ExplanationCallback(L.Callback):
         was = pl_module.training
         pl_module.eval()
         try:
-            values = self.measure(pl_module, trainer.datamodule)
+            figure = (self.figure_dir / f"xai_epoch_{trainer.current_epoch:03d}.png"
+                      if self.figure_dir is not None and trainer.is_global_zero else None)
+            values = self.measure(pl_module, trainer.datamodule, figure=figure)
         finally:
             pl_module.train(was)
+        if figure is not None and figure.exists():
+            for lg in trainer.loggers:
+                if type(lg).__name__ == "WandbLogger":
+                    lg.log_image(key="xai/grid", images=[str(figure)], step=trainer.global_step,
+                                 caption=[f"epoch {trainer.current_epoch}"])
         dt = time.perf_counter() - t0
         self.seconds.append(dt)
         for k, v in values.items():
@@ -137,8 +169,9 @@ class ExplanationCallback(L.Callback):
             lg.log_metrics({SELECT_KEY: value}, step=trainer.global_step)
 
 
-def explanation_callbacks(xai_cfg: Any, seed: int = 0) -> list[ExplanationCallback]:
-    """The callback configured by ``xai.callback`` (none when absent or ``every_n_epochs: 0``)."""
+def explanation_callbacks(xai_cfg: Any, seed: int = 0, figure_dir: Any = None) -> list[ExplanationCallback]:
+    """The callback configured by ``xai.callback`` (none when absent or ``every_n_epochs: 0``); its grids
+    go to ``figure_dir`` unless ``xai.callback.figure_images`` is 0."""
     cb = (xai_cfg or {}).get("callback") if xai_cfg is not None else None
     if not cb or int(cb.get("every_n_epochs", 0) or 0) == 0:
         return []
@@ -148,4 +181,6 @@ def explanation_callbacks(xai_cfg: Any, seed: int = 0) -> list[ExplanationCallba
     return [ExplanationCallback(methods=plain["methods"], target=dict(xai_cfg["target"]),
                                 every_n_epochs=int(plain["every_n_epochs"]), n_images=int(plain.get("n_images", 8)),
                                 stability=plain.get("stability"), topk=float(xai_cfg.get("topk", 0.1)),
-                                select=plain.get("select"), seed=seed)]
+                                select=plain.get("select"), seed=seed,
+                                figure_dir=figure_dir if int(plain.get("figure_images", 4)) > 0 else None,
+                                n_figure_images=int(plain.get("figure_images", 4)) or 4)]

@@ -27,7 +27,7 @@ from medtrust.utils.io import write_json
 from medtrust.utils.logging import get_logger
 from medtrust.xai.methods import ExplainInputs, ExplanationMethod, GradCAM, run_methods
 from medtrust.xai.perturb import perturbed_maps, stability_table
-from medtrust.xai.pipeline import build_methods, gather, localisation_table, summarise
+from medtrust.xai.pipeline import build_methods, gather, localisation_table, save_explanation_grid, summarise
 from medtrust.xai.sanity import map_similarity, randomised_copy
 from medtrust.xai.targets import Target, as_probability
 
@@ -169,18 +169,8 @@ def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg:
                 result["stability_vs_uncertainty"][key] = stability_vs_uncertainty(
                     met["spearman"], outcome["uncertainty"], outcome["correct"])
 
-    gts = masks[:, 0].cpu().numpy() if masks is not None else None
-    if getattr(task, "task_name", "") == "segmentation":
-        with torch.no_grad():
-            preds = (torch.sigmoid(task(x.images))[:, 0] >= getattr(task, "threshold", 0.5)).float().cpu().numpy()
-        captions = None
-    else:
-        prob = outcome["prob"] if outcome else torch.softmax(task(x.images), -1)[:, -1].detach().numpy()
-        preds = np.ones((n, *x.images.shape[-2:])) * prob[:, None, None]
-        captions = [f"p={prob[i]:.2f}" + (f" y={int(labels[i])}" if labels is not None else "") for i in range(n)]
-    grid_maps = {kk: v.numpy() for kk, v in maps.items() if kk != "slic_uncertainty"}
-    figures.plot_explanation_grid(x.raw, gts, preds, grid_maps, out_dir / "figures" / "explanations" / "grid.png",
-                                  ids, captions)
+    save_explanation_grid(task, x, masks, labels, maps, ids, out_dir / "figures" / "explanations" / "grid.png",
+                          outcome.get("prob") if outcome else None)
     result["seconds"] = seconds
     write_json(out_dir / "metrics" / "explanations.json", result)
     return result

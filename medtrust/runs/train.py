@@ -179,7 +179,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
     if writer and getattr(task, "init_report", None):
         write_json(run_dir / "init_from.json", {"checkpoint": cfg.model.get("init_from"), **task.init_report})
     dm = instantiate(cfg.data)
-    callbacks = instantiate_list(cfg.get("callbacks")) + explanation_callbacks(cfg.get("xai"), int(cfg.seed))
+    callbacks = instantiate_list(cfg.get("callbacks")) + explanation_callbacks(cfg.get("xai"), int(cfg.seed),
+                                                                           run_dir / "figures" / "training")
     loggers = instantiate_list(cfg.get("logger"))
     if writer:
         for lg in loggers:

@@ -86,3 +86,26 @@ def summarise(values: np.ndarray) -> dict[str, Any]:
     v = np.asarray(values, dtype=float)
     ok = np.isfinite(v)
     return {"mean": float(v[ok].mean()) if ok.any() else None, "n": int(v.size), "n_undefined": int((~ok).sum())}
+
+
+def save_explanation_grid(task: torch.nn.Module, x: ExplainInputs, masks: torch.Tensor | None,
+                          labels: torch.Tensor | None, maps: Mapping[str, torch.Tensor], ids: Sequence[str],
+                          path: Any, prob: np.ndarray | None = None) -> Any:
+    """The GlassBox grid (image, mask, prediction, every map) of the explained images: a segmenter's
+    thresholded prediction, or a classifier's positive-class probability (panel + caption)."""
+    from medtrust.report import figures
+
+    n = len(ids)
+    gts = masks[:, 0].cpu().numpy() if masks is not None else None
+    with torch.no_grad():
+        if getattr(task, "task_name", "") == "segmentation":
+            preds = (torch.sigmoid(task(x.images))[:, 0] >= getattr(task, "threshold", 0.5)).float().cpu().numpy()
+            captions = None
+        else:
+            if prob is None:
+                prob = torch.softmax(task(x.images), -1)[:, -1].detach().cpu().numpy()
+            preds = np.ones((n, *x.images.shape[-2:])) * prob[:, None, None]
+            captions = [f"p={prob[i]:.2f}" + (f" y={int(labels[i])}" if labels is not None else "") for i in range(n)]
+    grid = {k: (v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in maps.items()
+            if k != "slic_uncertainty"}
+    return figures.plot_explanation_grid(x.raw, gts, preds, grid, path, ids, captions)

@@ -219,3 +219,7 @@ def test_explanation_callback_logs_and_selects_the_checkpoint(tmp_path):
                 "val/xai/gradcam_decoder/tta_topk_iou", "val/xai/seconds", "val/xai/select"):
         assert key in metrics.columns and metrics[key].notna().sum() == 2, key
     assert (run / "checkpoints" / "best.ckpt").is_file()
+    # one explanation grid per measurement, 3 rows (n_images < figure_images), shown in the report
+    grids = sorted((run / "figures" / "training").glob("xai_epoch_*.png"))
+    assert [g.name for g in grids] == ["xai_epoch_000.png", "xai_epoch_001.png"]
+    assert "xai epoch 001" in (run / "report" / "index.html").read_text()
