@@ -22,6 +22,7 @@ def test_each_multirun_job_is_its_own_grouped_wandb_run_with_media(tmp_path):
         ids.append(info["wandb_id"])
         media = runs[0] / "files" / "media"
         assert list((media / "images").rglob("reliability*.png")) and list((media / "table").rglob("*.json"))
+        assert list((media / "table").rglob("test_subgroups*.json")) and list((media / "table").rglob("test_per_image*.json"))
         assert "'group': 'sweep-wb'" in (sweep / job / "wandb" / "debug.log").read_text()
     assert ids[0] != ids[1]
 
