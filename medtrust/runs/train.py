@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
     t0 = time.perf_counter()
     if cfg.get("train", True):
         _SIGTERM.fitting = True  # Lightning's handler stops at the next batch and checkpoints
+        # With an OnExceptionCheckpoint, Lightning turns fit(ckpt_path=None) into "last" and warns twice.
+        # A new run's folder is new (claimed above), so "last" finds nothing; a resume passes its path.
+        warnings.filterwarnings("ignore", message=r".*fit\(ckpt_path=None\)` was called without a model")
+        warnings.filterwarnings("ignore", message=r'.*fit\(ckpt_path="last"\) is set, but there is no last checkpoint')
         try:
             trainer.fit(task, datamodule=dm, ckpt_path=str(resume["checkpoint"]) if resume else None)
         finally:
