@@ -16,6 +16,7 @@ gap 0.06 with a "CI" of [0.007, 0.29]). So each gap gets instead
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -106,16 +107,12 @@ def subgroup_report(sensitive: pd.DataFrame, y_true: np.ndarray, y_pred: np.ndar
         keep = np.isin(groups, big)
         entry: dict[str, Any] = {"groups": {}, "gaps": {}, "small_groups": sorted(sizes[sizes < min_group_size].index.tolist())}
         full = MetricFrame(metrics=dict(metrics), y_true=y_true, y_pred=y_pred, sensitive_features={attr: groups},
-                           sample_params=_params(sample_params, None))
+                           sample_params=_params(sample_params))
         for g, row in full.by_group.iterrows():
             entry["groups"][str(g)] = {k: (int(v) if k == "n" else _num(v)) for k, v in row.items()}
         if len(big) >= 2:
-            rest = {k: v for k, v in metrics.items() if k != "n"}
-            mf = MetricFrame(metrics=rest, y_true=y_true[keep], y_pred=y_pred[keep],
-                             sensitive_features={attr: groups[keep]},
-                             sample_params=_params(sample_params, keep, exclude=("n",)))
-            diff, ratio = mf.difference(), mf.ratio()
-            by = mf.by_group.astype(float)
+            by = full.by_group.loc[list(big)].drop(columns=["n"], errors="ignore").astype(float)
+            diff, ratio = by.max() - by.min(), by.min() / by.max()  # fairlearn's difference() / ratio()
             members = {str(g): np.flatnonzero(groups == g) for g in big}
             for k in diff.index:
                 ok = by[k].notna()
@@ -124,7 +121,7 @@ def subgroup_report(sensitive: pd.DataFrame, y_true: np.ndarray, y_pred: np.ndar
                 gap: dict[str, Any] = {"gap": _num(diff[k]) if ok.sum() >= 2 else None, "ratio": _num(ratio[k]),
                                        "lowest": lo_g, "highest": hi_g}
                 if n_boot > 0 and lo_g is not None:
-                    rng = np.random.default_rng([seed, len(k)])
+                    rng = np.random.default_rng([seed, zlib.crc32(f"{attr}/{k}".encode())])  # per attribute + metric
                     gap["ci95"] = _pair_ci(metrics[k], sample_params, k, y_true, y_pred, members[hi_g],
                                            members[lo_g], n_boot, rng)
                     gap["p_value"] = _permutation_p(metrics[k], sample_params, k, y_true, y_pred, groups, keep,
@@ -173,12 +170,10 @@ def _permutation_p(fn: Callable[..., float], params: Any, name: str, y_true: np.
     return float((hits + 1) / (done + 1)) if done else None
 
 
-def _params(params: Mapping[str, Mapping[str, Any]] | None, keep: np.ndarray | None,
-            exclude: Sequence[str] = ()) -> dict[str, dict[str, Any]] | None:
+def _params(params: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
     if not params:
         return None
-    return {m: {k: (np.asarray(v)[keep] if keep is not None else np.asarray(v)) for k, v in p.items()}
-            for m, p in params.items() if m not in exclude}
+    return {m: {k: np.asarray(v) for k, v in p.items()} for m, p in params.items()}
 
 
 def _num(v: Any) -> float | None:

@@ -37,9 +37,10 @@ padding:8px;font-size:11px;overflow:auto;max-height:400px}
 """
 
 
-def _img(path: Path, caption: str) -> str:
+def _img(path: Path, caption: str, width: int | None = None) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+    size = f" width={width}" if width else ""
+    return (f'<figure><img alt="{html.escape(caption)}"{size} src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -159,12 +160,6 @@ def _subgroup_sections(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def _thumb(path: Path, caption: str, width: int = 128) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><img alt="{html.escape(caption)}" width={width} src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-
-
 def _failure_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: int = 8) -> list[str]:
     """Classifier: the exported failure cases (most confident errors, most uncertain correct) as
     thumbnails; segmenter: the worst images by Dice with their per-image scores and the worst batch."""
@@ -179,8 +174,8 @@ def _failure_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k
                 for _, r in sub.iterrows():
                     img = index.parent / str(r["file"])
                     if img.exists():
-                        figs.append(_thumb(img, f"{r['id']}: y={r['label']} pred={r['pred']} "
-                                                f"p={r['confidence']:.2f} H={r['entropy']:.2f}"))
+                        figs.append(_img(img, f"{r['id']}: y={r['label']} pred={r['pred']} "
+                                              f"p={r['confidence']:.2f} H={r['entropy']:.2f}", width=128))
                 out.append(f"<h3>{html.escape(str(kind).replace('_', ' '))} ({len(sub)})</h3>" + "".join(figs))
             continue
         per = run_dir / "metrics" / f"{split}_per_image.csv"
