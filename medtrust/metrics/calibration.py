@@ -5,8 +5,12 @@ to pixel-level calibration; the tests check both give the same ECE).
 
 Binary convention (torchmetrics-compatible): the confidence is the predicted probability of the
 positive class and the "accuracy" is the positive label, i.e. the reliability diagram plots the
-observed frequency of positives against the predicted probability. Bins are
-``torch.linspace(0, 1, n_bins + 1)`` with right-closed bucketing as torchmetrics does.
+observed frequency of positives against the predicted probability.
+
+Bins: exactly ``n_bins`` equal-width bins with edges ``torch.linspace(0, 1, n_bins + 1)``; bin ``i``
+is ``[edge_i, edge_{i+1})`` and the last bin is closed, ``[edge_{n-1}, 1]``, so a confidence of
+exactly 1.0 falls in the last bin. torchmetrics buckets the same way except that it puts 1.0 in an
+extra (n + 1)-th bin, so the ECE equals torchmetrics' whenever no confidence is exactly 1.0.
 """
 from __future__ import annotations
 
@@ -15,20 +19,46 @@ from torchmetrics import Metric
 
 
 def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Bin sums: returns (3, n_bins + 1) = [count, sum of confidence, sum of correct] per bin."""
-    conf = confidence.detach().reshape(-1).double()
-    acc = correct.detach().reshape(-1).double()
-    bounds = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=conf.device)
-    idx = torch.bucketize(conf, bounds, right=True) - 1
-    out = torch.zeros(3, n_bins + 1, dtype=torch.float64, device=conf.device)
+    """Per-bin sums over ``n_bins`` equal-width confidence bins (see the module docstring).
+
+    Args:
+        confidence: confidences in [0, 1], any shape.
+        correct: same number of elements; 1 where correct (binary: the positive label), else 0.
+        n_bins: number of bins (>= 1).
+
+    Returns:
+        float64 tensor (3, n_bins): ``[count, sum of confidence, sum of correct]`` per bin. Sums of
+        these over images, batches or ranks are again valid bins.
+
+    Raises:
+        ValueError: if ``n_bins < 1``, the sizes differ, or a confidence is outside [0, 1] (beyond a
+            rounding tolerance of 1e-6) or NaN.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if confidence.numel() != correct.numel():
+        raise ValueError(f"confidence has {confidence.numel()} elements but correct has {correct.numel()}")
+    raw = confidence.detach().reshape(-1).contiguous()  # bucketize copies strided input with a warning
+    if not raw.is_floating_point():
+        raw = raw.to(torch.get_default_dtype())
+    tol = 1e-6  # averaged probabilities (MC passes, ensemble members) may round a hair past [0, 1]
+    if raw.numel() and not bool(((raw >= -tol) & (raw <= 1 + tol)).all()):
+        raise ValueError("confidence must be in [0, 1] (no NaN); got values outside")
+    raw = raw.clamp(0, 1)
+    # Edges in the input's dtype, as torchmetrics builds them, so values on an edge bin alike.
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=raw.dtype, device=raw.device)
+    idx = (torch.bucketize(raw, edges, right=True) - 1).clamp_max_(n_bins - 1)  # 1.0 -> last bin
+    conf = raw.double()
+    out = torch.zeros(3, n_bins, dtype=torch.float64, device=conf.device)
     out[0].scatter_add_(0, idx, torch.ones_like(conf))
     out[1].scatter_add_(0, idx, conf)
-    out[2].scatter_add_(0, idx, acc)
+    out[2].scatter_add_(0, idx, correct.detach().reshape(-1).to(conf.device, torch.float64))
     return out
 
 
 def ece_from_bins(bins: torch.Tensor) -> dict[str, float]:
-    """ECE (L1, weighted by bin mass) and MCE from :func:`calibration_bins` sums."""
+    """ECE (L1, weighted by bin mass) and MCE (largest gap over non-empty bins) from
+    :func:`calibration_bins` sums (3, n_bins), or any sum of them."""
     count, conf_sum, acc_sum = bins
     n = count.sum().clamp_min(1)
     nz = count > 0
@@ -37,7 +67,8 @@ def ece_from_bins(bins: torch.Tensor) -> dict[str, float]:
 
 
 def reliability_from_bins(bins: torch.Tensor) -> dict[str, list[float]]:
-    """Per-bin mean confidence, observed frequency and count (empty bins give NaN)."""
+    """Per-bin mean confidence, observed frequency and count, each a list of length n_bins (empty
+    bins give NaN confidence and frequency), from :func:`calibration_bins` sums (3, n_bins)."""
     count, conf_sum, acc_sum = bins
     c = count.clamp_min(1)
     nan = torch.full_like(count, float("nan"))
@@ -61,8 +92,12 @@ def compute_brier(probs: torch.Tensor, target: torch.Tensor) -> float:
 class BinaryCalibrationMetric(Metric):
     """Binned accumulator for binary (or pixel-wise) calibration; DDP-safe summed states.
 
+    States: ``bins`` (3, n_bins) float64 :func:`calibration_bins` sums, ``sq_err`` and ``n`` for
+    the Brier score. ``compute`` returns ``{"ece", "mce", "brier"}`` floats and ``reliability``
+    lists of length n_bins.
+
     Args:
-        n_bins: number of equal-width confidence bins.
+        n_bins: number of equal-width confidence bins (the last one closed at 1.0).
     """
 
     full_state_update = False
@@ -72,7 +107,7 @@ class BinaryCalibrationMetric(Metric):
         if n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
         self.n_bins = n_bins
-        self.add_state("bins", default=torch.zeros(3, n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bins", default=torch.zeros(3, n_bins, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sq_err", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
