@@ -13,9 +13,27 @@ gap 0.06 with a "CI" of [0.007, 0.29]). So each gap gets instead
   not distinguishable at this sample size;
 - ``p_value``: a permutation test of "no difference between any groups" (group labels shuffled,
   max - min recomputed), which accounts for picking the extreme pair out of several groups.
+
+Both are scipy's: ``scipy.stats.bootstrap`` (two samples of row indices, ``paired=False``, which
+resamples each group within itself; percentile interval) and ``scipy.stats.permutation_test``
+(``permutation_type="independent"``, one sample of row indices per group, ``alternative="greater"``),
+each drawing from one RNG stream per attribute + metric. Where a metric is undefined (NaN, e.g. a
+resampled group without positives):
+- CI: undefined resamples are dropped; fewer than ``max(10, n_boot // 2)`` defined ones give
+  ``[None, None]`` (as before scipy);
+- p-value: a permutation with fewer than two groups where the metric is defined is left out of the
+  count. scipy alone would count it as "not more extreme" and keep it in the denominator, so in that
+  case the p-value is recounted from scipy's null distribution.
+Differences from the hand-written loops these replaced: other random numbers for the same seed (so
+other Monte-Carlo values, within Monte-Carlo error); scipy's tie tolerance (relative, 100 machine
+epsilons of the observed gap, instead of an absolute 1e-12); an exact test (all distinct
+regroupings, no +1) when ``n_boot`` is at least their number (only for tiny groups); and a group of
+a single row (possible only with ``min_group_size`` < 2) gets no CI and no p-value, since scipy
+needs two rows per sample.
 """
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,9 +47,11 @@ from fairlearn.metrics import (
     selection_rate,
     true_positive_rate,
 )
+from scipy.stats import permutation_test
 from sklearn.metrics import roc_auc_score
 
 from medtrust.metrics.calibration import calibration_bins, ece_from_bins
+from medtrust.metrics.stats import bootstrap_interval
 
 
 def _safe(fn: Callable[..., float]) -> Callable[..., float]:
@@ -71,13 +91,13 @@ def _ece(y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray, n_bins:
 
 
 def classification_metric_set(binary: bool) -> dict[str, Callable[..., float]]:
-    """The per-group metrics of a classifier: counts, prevalence, accuracy, ECE, and for binary tasks
+    """The per-group metrics of a classifier: counts, prevalence, accuracy, top-label ECE, and for binary tasks
     AUROC, TPR (equal opportunity), FPR and selection rate (demographic parity)."""
     out: dict[str, Callable[..., float]] = {
         "n": count,
         "prevalence": lambda y, p: float(np.mean(np.asarray(y) == 1)),
         "accuracy": lambda y, p: float(np.mean(np.asarray(y) == np.asarray(p))),
-        "ece": _ece,
+        "ece_top_label": _ece,
     }
     if binary:
         out.update({"auroc": _auroc, "tpr": _tpr, "fpr": _fpr,
@@ -139,35 +159,57 @@ def _metric_on(fn: Callable[..., float], params: Mapping[str, Mapping[str, Any]]
 
 def _pair_ci(fn: Callable[..., float], params: Any, name: str, y_true: np.ndarray, y_pred: np.ndarray,
              hi: np.ndarray, lo: np.ndarray, n_boot: int, rng: np.random.Generator) -> list[float | None]:
-    """Percentile 95 % CI of metric(high group) - metric(low group), each group resampled within itself."""
-    vals = [_metric_on(fn, params, name, y_true, y_pred, rng.choice(hi, len(hi)))
-            - _metric_on(fn, params, name, y_true, y_pred, rng.choice(lo, len(lo))) for _ in range(n_boot)]
-    vals = [v for v in vals if np.isfinite(v)]
-    if len(vals) < max(10, n_boot // 2):
-        return [None, None]
-    q = np.percentile(vals, [2.5, 97.5])
-    return [float(q[0]), float(q[1])]
+    """Percentile 95 % CI of metric(high group) - metric(low group), each group resampled within itself
+    (``scipy.stats.bootstrap`` of the two groups' row indices, ``paired=False``). ``[None, None]`` when
+    fewer than ``max(10, n_boot // 2)`` resamples are defined or a group has fewer than two rows."""
+
+    def diff(a: np.ndarray, b: np.ndarray) -> float:
+        return _metric_on(fn, params, name, y_true, y_pred, a) - _metric_on(fn, params, name, y_true, y_pred, b)
+
+    # percentile, not BCa: BCa's jackknife adds len(hi) + len(lo) evaluations of the difference (3-6x the
+    # cost at n_boot=200 and a few hundred images), 200 resamples are too few for BCa's shifted tail
+    # quantiles (its 2.5 % point can move to the 1st or 2nd resample) and it needs the full-data
+    # metric to be defined; the interval is read for "does it contain 0", where this is enough.
+    low, high, _ = bootstrap_interval(diff, (hi, lo), n_boot=n_boot, rng=rng, method="percentile",
+                                      min_finite=max(10, n_boot // 2))
+    return [low, high] if np.isfinite([low, high]).all() else [None, None]
 
 
 def _permutation_p(fn: Callable[..., float], params: Any, name: str, y_true: np.ndarray, y_pred: np.ndarray,
                    groups: np.ndarray, keep: np.ndarray, observed: float | None, n_perm: int,
                    rng: np.random.Generator) -> float | None:
-    """P(max - min over groups >= observed | group labels exchangeable), with the +1 correction."""
+    """P(max - min over groups >= observed | group labels exchangeable), with the +1 correction
+    (``scipy.stats.permutation_test``, ``permutation_type="independent"``, one sample of row indices
+    per group). Permutations where fewer than two groups have a defined metric are left out of the
+    count (numerator and denominator); ``None`` if none is defined or a group has fewer than two rows."""
     if observed is None:
         return None
     idx = np.flatnonzero(keep)
-    labels = groups[idx]
-    names = np.unique(labels)
-    hits, done = 0, 0
-    for _ in range(n_perm):
-        shuffled = rng.permutation(labels)
-        vals = [_metric_on(fn, params, name, y_true, y_pred, idx[shuffled == g]) for g in names]
+    members = [idx[groups[idx] == g] for g in np.unique(groups[idx])]
+    if min(len(m) for m in members) < 2:
+        return None
+
+    def spread(*samples: np.ndarray) -> float:
+        vals = [_metric_on(fn, params, name, y_true, y_pred, m) for m in samples]
         vals = [v for v in vals if np.isfinite(v)]
-        if len(vals) < 2:
-            continue
-        done += 1
-        hits += (max(vals) - min(vals)) >= observed - 1e-12
-    return float((hits + 1) / (done + 1)) if done else None
+        return max(vals) - min(vals) if len(vals) >= 2 else float("nan")
+
+    res = permutation_test(members, spread, permutation_type="independent", vectorized=False,
+                           n_resamples=n_perm, alternative="greater", rng=rng)
+    null = np.asarray(res.null_distribution, dtype=float)
+    finite = np.isfinite(null)
+    if finite.all():
+        return float(res.pvalue)
+    if not finite.any():
+        return None
+    # scipy counts an undefined permutation as "not more extreme" but keeps it in the denominator;
+    # recount over the defined ones, with scipy's tolerance and its +1 unless the test was exact
+    sizes = np.cumsum([len(m) for m in members])
+    exact = n_perm >= math.prod(math.comb(int(n), int(k)) for n, k in zip(sizes[1:], sizes[:-1]))
+    adj = 0 if exact else 1
+    stat = float(res.statistic)
+    hits = int((null[finite] >= stat - abs(100 * np.finfo(float).eps * stat)).sum())
+    return float((hits + adj) / (finite.sum() + adj))
 
 
 def _params(params: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
@@ -189,7 +231,7 @@ def classification_subgroups(df: pd.DataFrame, attrs: Sequence[str], n_classes: 
     """Subgroup report from a predictions table (``label``, ``pred``, ``confidence``, ``prob_1``, one
     column per attribute)."""
     binary = n_classes == 2
-    params: dict[str, dict[str, Any]] = {"ece": {"confidence": df["confidence"].to_numpy()}}
+    params: dict[str, dict[str, Any]] = {"ece_top_label": {"confidence": df["confidence"].to_numpy()}}
     if binary:
         params["auroc"] = {"y_score": df["prob_1"].to_numpy()}
     rep = subgroup_report(df[list(attrs)], df["label"].to_numpy(), df["pred"].to_numpy(),

@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from fairlearn.metrics import count
 
-from medtrust.metrics.subgroups import classification_subgroups, segmentation_subgroups
+from medtrust.metrics.subgroups import (
+    _metric_on,
+    _pair_ci,
+    _permutation_p,
+    classification_metric_set,
+    classification_subgroups,
+    segmentation_subgroups,
+    subgroup_report,
+)
 
 
 def _table(n=400, tpr_b=0.5, seed=0):
@@ -89,3 +98,119 @@ def test_attribute_frame_auto_list_none_and_a_missing_name():
     assert attribute_frame(recs, []).shape == (3, 0)
     with pytest.raises(ValueError, match=r"\['age'\] not in the records' attributes \(present: \['race', 'sex'\]\)"):
         attribute_frame(recs, ["age"])
+
+
+# --- scipy's bootstrap / permutation test against the hand-written loops they replaced -------------
+
+def _reference_pair_ci(fn, params, name, y_true, y_pred, hi, lo, n_boot, rng):
+    """``_pair_ci`` before scipy, verbatim."""
+    vals = [_metric_on(fn, params, name, y_true, y_pred, rng.choice(hi, len(hi)))
+            - _metric_on(fn, params, name, y_true, y_pred, rng.choice(lo, len(lo))) for _ in range(n_boot)]
+    vals = [v for v in vals if np.isfinite(v)]
+    if len(vals) < max(10, n_boot // 2):
+        return [None, None]
+    q = np.percentile(vals, [2.5, 97.5])
+    return [float(q[0]), float(q[1])]
+
+
+def _reference_permutation_p(fn, params, name, y_true, y_pred, groups, keep, observed, n_perm, rng):
+    """``_permutation_p`` before scipy, verbatim."""
+    if observed is None:
+        return None
+    idx = np.flatnonzero(keep)
+    labels = groups[idx]
+    names = np.unique(labels)
+    hits, done = 0, 0
+    for _ in range(n_perm):
+        shuffled = rng.permutation(labels)
+        vals = [_metric_on(fn, params, name, y_true, y_pred, idx[shuffled == g]) for g in names]
+        vals = [v for v in vals if np.isfinite(v)]
+        if len(vals) < 2:
+            continue
+        done += 1
+        hits += (max(vals) - min(vals)) >= observed - 1e-12
+    return float((hits + 1) / (done + 1)) if done else None
+
+
+def _fast_tpr(y, p):  # the metric's cost is not under test: a cheap TPR instead of fairlearn's
+    return float(np.mean(p[y == 1] == 1)) if (y == 1).any() else float("nan")
+
+
+def _fast_acc(y, p):
+    return float(np.mean(y == p))
+
+
+def _gap_of(fn, y, p, groups):
+    vals = [fn(y[groups == g], p[groups == g]) for g in np.unique(groups)]
+    vals = [v for v in vals if np.isfinite(v)]
+    return max(vals) - min(vals) if len(vals) >= 2 else None
+
+
+def _both(fn, y, p, groups, hi, lo, n, seed=0):
+    """(old CI, new CI, old p, new p) with the same seeds (different streams: scipy draws differently)."""
+    keep = np.ones(len(y), bool)
+    obs = _gap_of(fn, y, p, groups)
+    mem = {g: np.flatnonzero(groups == g) for g in (hi, lo)}
+    out = []
+    for ci, perm in ((_reference_pair_ci, _reference_permutation_p), (_pair_ci, _permutation_p)):
+        rng = np.random.default_rng([seed, 1])
+        out.append((ci(fn, None, "m", y, p, mem[hi], mem[lo], n, rng),
+                    perm(fn, None, "m", y, p, groups, keep, obs, n, rng)))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
+def _p_tol(p, n):
+    """4 s.d. of the difference of two independent Monte-Carlo p-values at n permutations, + 1/n."""
+    return 4 * np.sqrt(2 * p * (1 - p) / n) + 1 / n
+
+
+# Monte-Carlo s.d. of a 2.5 % / 97.5 % bound at 2000 resamples ~0.006 here (difference CIs ~0.2 wide on
+# 100-200 images per group), ~0.008 for two independent runs: 0.03 is ~4 s.d.
+@pytest.mark.parametrize("tpr_b,fn", [(0.9, _fast_tpr), (0.75, _fast_tpr), (0.6, _fast_tpr), (0.75, _fast_acc)])
+def test_scipy_ci_and_p_value_match_the_old_loops(tpr_b, fn):
+    df = _table(n=300, tpr_b=tpr_b, seed=1)
+    y, p, g = df["label"].to_numpy(), df["pred"].to_numpy(), df["sex"].to_numpy()
+    hi, lo = ("A", "B") if fn(y[g == "A"], p[g == "A"]) >= fn(y[g == "B"], p[g == "B"]) else ("B", "A")
+    old_ci, new_ci, old_p, new_p = _both(fn, y, p, g, hi, lo, 2000)
+    assert new_ci == pytest.approx(old_ci, abs=0.03)
+    assert new_p == pytest.approx(old_p, abs=_p_tol(old_p, 2000))
+
+
+@pytest.mark.parametrize("pos,hit", [
+    # ~31 % of regroupings put both positives in one group, every other one has gap 1: p = 1; only ~42 %
+    # of the resamples have a positive in both A and B: CI [None, None]
+    ([0, 12], [0]),
+    ([0, 1, 12], [12]),  # ~9 % undefined regroupings; p ~ 0.5
+    ([0, 1, 2, 12, 13], [0, 12, 13]),  # ~10-35 % of each group's resamples have no positive
+])
+def test_undefined_resamples_and_permutations_are_handled_as_before(pos, hit):
+    # three groups of 10 (C without positives), TPR of B (highest) vs A: a regrouping with TPR defined in
+    # < 2 groups is left out of the count (scipy alone would count it as not more extreme and give
+    # p ~ 0.69 in the first case); resamples without a positive are dropped from the CI
+    y, p = np.zeros(30, int), np.zeros(30, int)
+    y[pos], p[hit] = 1, 1
+    g = np.repeat(["A", "B", "C"], 10)
+    hi, lo = ("A", "B") if _fast_tpr(y[:10], p[:10]) > _fast_tpr(y[10:20], p[10:20]) else ("B", "A")
+    old_ci, new_ci, old_p, new_p = _both(_fast_tpr, y, p, g, hi, lo, 2000)
+    assert new_ci == pytest.approx(old_ci, abs=0.05) and new_p == pytest.approx(old_p, abs=_p_tol(old_p, 2000))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_known_truth_planted_tpr_gap_of_0_3_and_no_gap(seed):
+    # 200 per group; TPR 0.9 vs 0.6: CI of the pair excludes 0 and p < 0.01; equal TPRs: CI spans 0, p > 0.1
+    tpr = {"n": count, "tpr": classification_metric_set(True)["tpr"]}  # the reported TPR (fairlearn's), alone
+    for tpr_b in (0.6, 0.9):
+        df = _table(n=400, tpr_b=tpr_b, seed=seed)
+        gap = subgroup_report(df[["sex"]], df["label"], df["pred"], tpr, n_boot=200, seed=seed)
+        gap = gap["attributes"]["sex"]["gaps"]["tpr"]
+        if tpr_b == 0.6:
+            assert gap["lowest"] == "B" and gap["ci95"][0] > 0 and gap["p_value"] < 0.01
+        else:
+            assert gap["ci95"][0] < 0 < gap["ci95"][1] and gap["p_value"] > 0.1
+
+
+def test_output_shapes_are_unchanged():
+    gaps = classification_subgroups(_table(n=100), ["sex"], 2, n_boot=30)["attributes"]["sex"]["gaps"]
+    for gp in gaps.values():
+        assert len(gp["ci95"]) == 2 and all(v is None or isinstance(v, float) for v in gp["ci95"])
+        assert gp["p_value"] is None or isinstance(gp["p_value"], float)
