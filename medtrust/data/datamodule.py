@@ -2,8 +2,9 @@
 
 It asks its *source* for records, splits them (official or patient-level), loads each split once
 into memory at the working resolution (uint8, validated: missing/corrupt files, masks of the wrong
-size), and serves batches that follow the batch contract of ``DESIGN.md``: ``image``, ``mask``,
-``label``, ``patient_id``, ``attrs``, ``path``, ``index``.
+size, repeated ids, the same pixels in two splits), and serves batches that follow the batch
+contract of ``DESIGN.md``: ``image``, ``mask``, ``label``, ``patient_id``, ``attrs``, ``path``,
+``index``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 from monai.data import DataLoader
 from torch.utils.data import Dataset
 
+from medtrust.data.duplicates import (DUPLICATE_COLUMNS, DUPLICATE_POLICIES, PixelIndex, check_unique_ids,
+                                      describe_groups, pixel_digest)
 from medtrust.data.records import ALL_SPLITS, DataError, Record, load_record
 from medtrust.data.splits import check_fractions, make_splits, write_splits
 from medtrust.data.transforms import build_transforms, denormalize
@@ -80,6 +83,10 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (0 = main process).
         balanced_sampling: draw training samples with weights 1 / class frequency (labels needed).
         on_bad: ``"error"`` stops at the first bad sample; ``"skip"`` drops it and reports the count.
+        duplicates: the same pixels (at the working resolution) in two splits, e.g. one image under two
+            patient ids: ``"error"`` refuses the split naming both records; ``"report"`` warns, counts
+            them in :meth:`summary` and lists them in ``splits/duplicates.csv``. Copies inside one
+            split are only counted. Checked over the splits loaded so far (``cal`` included).
         load_threads: threads used to read and resize files once at setup.
         seed: random state of the augmentation pipeline.
         manifest, root, path: where the data lives (shared with the source by interpolation; recorded
@@ -102,6 +109,7 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad: str = "error",
+        duplicates: str = "error",
         load_threads: int = 2,
         seed: int = 0,
         drop_last: bool = False,
@@ -117,6 +125,8 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"data.image_size must be an int or [H, W] with sides >= 8, got {image_size}")
         if on_bad not in ("error", "skip"):
             raise ValueError(f"data.on_bad must be 'error' or 'skip', got {on_bad!r}")
+        if duplicates not in DUPLICATE_POLICIES:
+            raise ValueError(f"data.duplicates must be one of {DUPLICATE_POLICIES}, got {duplicates!r}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.source = source
@@ -136,6 +146,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.on_bad = on_bad
+        self.duplicates = duplicates
         self.load_threads = max(1, int(load_threads))
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
@@ -151,6 +162,7 @@ class ImageDataModule(L.LightningDataModule):
         self._split_how = ""
         self._cache: dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None], list[Record]]] = {}
         self.skipped: list[dict[str, str]] = []
+        self._pixels = PixelIndex()
 
     # -- records and splits -------------------------------------------------------------
     @property
@@ -159,20 +171,25 @@ class ImageDataModule(L.LightningDataModule):
             records = self.source.records()
             if not records:
                 raise DataError(f"{self.source.describe()}: the source yielded no records")
+            check_unique_ids(records, self.source.describe())  # one place for every source
             self._split_records, self._split_how = make_splits(
                 records, self.split_cfg["fractions"], self.split_cfg["seed"], self.split_cfg["use_source"],
                 self.split_cfg["calibration_fraction"])
         return self._split_records
 
     def write_splits(self, out_dir: str | Path) -> str:
-        """Write the split assignment (CSV + JSON with its sha256) into ``out_dir``."""
+        """Write the split assignment (CSV + JSON with its sha256) into ``out_dir``, plus
+        ``skipped.csv`` (bad samples skipped) and ``duplicates.csv`` (images found in two loaded
+        splits, under ``duplicates=report``) when there are any."""
         split_records = self.split_records  # computes the split (and its method) if not done yet
         info = {"source": self.source.describe(), "method": self._split_how, **self.split_cfg}
         digest = write_splits(split_records, out_dir, info)
-        if self.skipped:
-            import pandas as pd
+        import pandas as pd
 
+        if self.skipped:
             pd.DataFrame(self.skipped).to_csv(Path(out_dir) / "skipped.csv", index=False)
+        if rows := self._pixels.rows():
+            pd.DataFrame(rows, columns=DUPLICATE_COLUMNS).to_csv(Path(out_dir) / "duplicates.csv", index=False)
         return digest
 
     # -- loading ------------------------------------------------------------------------
@@ -229,10 +246,26 @@ class ImageDataModule(L.LightningDataModule):
             log.warning(f"data.on_bad=skip: skipped {n_bad} bad sample(s) in split {split!r} (see splits/skipped.csv)")
         if not kept:
             raise DataError(f"split {split!r}: all {len(recs)} samples were bad and skipped")
+        self._check_duplicates(split, images, kept)
         if any(m is None for m in masks):
             masks = [None] * len(masks)  # a batch carries masks only when every sample has one
         self._cache[split] = (images, masks, kept)
         return self._cache[split]
+
+    def _check_duplicates(self, split: str, images: Sequence[torch.Tensor], recs: Sequence[Record]) -> None:
+        """Compare ``split``'s pixels with every split loaded before; raise or report per ``duplicates``."""
+        digests = [pixel_digest(t.numpy()) for t in images]
+        groups = self._pixels.across(split, digests, recs)
+        if groups:
+            text = (f"split {split!r}: {len(groups)} image(s) have the same pixels as images of split(s) "
+                    f"{sorted(self._pixels.splits)} (leakage across splits, e.g. one image under two patient "
+                    f"ids): {describe_groups(groups)}")
+            if self.duplicates == "error":
+                raise DataError(f"{text}; expected each image in one split only: remove the copies, or give them "
+                                "one patient id (computed splits) or one split value (official splits); "
+                                "data.duplicates=report keeps them and lists them in splits/duplicates.csv")
+            log.warning(f"{text} (data.duplicates=report; listed in splits/duplicates.csv)")
+        self._pixels.add(split, digests, recs)
 
     def has_split(self, split: str) -> bool:
         return bool(self.split_records.get(split))
@@ -243,6 +276,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
+        if stage == "fit" and self.has_split("cal"):
+            needed = (*needed, "cal")  # fitting ends with temperature scaling on it: fail fast, check leakage
         for split in needed:
             self.load_split(split)
 
@@ -286,7 +321,12 @@ class ImageDataModule(L.LightningDataModule):
         return denormalize(image, self.normalize)
 
     def summary(self) -> dict[str, Any]:
+        """Name, source, sizes and data checks; the duplicate counts cover the splits loaded so far:
+        ``duplicates_across_splits`` distinct images in two or more splits,
+        ``duplicates_within_splits`` extra copies inside one split."""
         counts = {s: len(r) for s, r in self.split_records.items()}
         return {"name": self.name, "source": self.source.describe(), "location": self.location,
                 "image_size": self.image_size, "channels": self.channels, "split_method": self._split_how,
-                "split_counts": counts, "skipped": len(self.skipped)}
+                "split_counts": counts, "skipped": len(self.skipped),
+                "duplicates_across_splits": self._pixels.count_across(),
+                "duplicates_within_splits": self._pixels.count_within()}

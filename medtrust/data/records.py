@@ -1,21 +1,65 @@
 """Records and their loading.
 
-A *record* is a plain dict describing one sample: ``id``, ``path``, ``mask_path`` (or ``None``),
-``label`` (int or ``None``), ``patient_id``, ``split`` (``train``/``val``/``test`` or ``None``) and
-``attrs`` (dict of str). In-memory sources (the phantoms) also carry ``image`` (uint8 H×W×C) and
-``mask`` (uint8 H×W) arrays. Sources produce records; :func:`load_record` turns one into arrays at
-the working resolution and raises :class:`DataError` naming the file and what was expected.
+A *record* (:class:`Record`) is a plain dict describing one sample; sources produce records and
+:func:`load_record` turns one into arrays at the working resolution, raising :class:`DataError`
+naming the file and what was expected.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-Record = dict[str, Any]
+
+class _RequiredRecord(TypedDict):
+    id: str
+    path: str
+    mask_path: str | None
+    label: int | None
+    patient_id: str
+    split: str | None
+    attrs: dict[str, str]
+
+
+class Record(_RequiredRecord, total=False):
+    """One sample, as every source returns it (a plain dict at run time).
+
+    Keys every source sets (the value may be ``None``):
+
+    - ``id``: unique within the source and stable across runs: the path relative to the source's
+      root in POSIX form with its extension (CSV: the manifest's folder, folder: ``root``;
+      ``images/a/x.png``), or an official/generated id that is unique (ISIC ``ISIC_0000000``,
+      MedMNIST ``<split>_<i>``, phantoms ``derm_00003``). Files named after it go through
+      :func:`medtrust.utils.names.safe_filename`. The datamodule refuses duplicates.
+    - ``path``: the image file, or a pseudo-path for in-memory images (``file.npz#train_images[3]``,
+      ``phantom_derm://<seed>/<i>``), used in messages and failure-case exports.
+    - ``mask_path``: the mask file, or ``None``.
+    - ``label``: class index, or ``None`` (unlabelled).
+    - ``patient_id``: the unit of patient-level splits (an image without one is its own patient).
+    - ``split``: ``train``/``val``/``test`` from the source, or ``None`` (computed splits).
+    - ``attrs``: demographic/metadata attributes, str -> str (``sex``, ``age_group``, ...).
+
+    Optional keys:
+
+    - ``where``: the manifest row (``manifest.csv row 7``) for messages.
+    - ``error``: why the sample is unusable (missing file, ...); raised, or skipped under
+      ``data.on_bad=skip``, when the split is loaded.
+    - ``image``, ``mask``: in-memory arrays (phantoms, MedMNIST): uint8 H×W×C (or H×W) and uint8
+      H×W in {0, 1}.
+    - ``text``, ``modality``: report/prompt and modality index of multimodal sources (batch contract
+      in ``DESIGN.md``; no source sets them yet).
+    """
+
+    where: str
+    error: str
+    image: np.ndarray
+    mask: np.ndarray
+    text: str
+    modality: int
+
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train", "tr": "train",

@@ -118,7 +118,9 @@ class PhantomCxrSource:
         size: rendered side length.
         seed: data-set seed.
         target: finding used as ``label`` and ``mask`` (``pneumonia`` or ``covid``); the other is
-            recorded in ``attrs`` (``finding_<name>``) for audits.
+            recorded in ``attrs`` (``finding_<name>``) for audits. ``finding`` gives three classes:
+            0 = no finding, 1 = pneumonia-like opacity only, 2 = COVID-like pattern (with or without
+            an opacity); its mask is the union of both.
         prevalence: probability of each finding per image.
         attributes: attribute -> {value: prevalence}.
         difficulty: attribute -> {value: contrast factor} (1 = normal, < 1 fainter findings).
@@ -139,8 +141,8 @@ class PhantomCxrSource:
         difficulty: Mapping[str, Mapping[str, float]] | None = None,
         max_images_per_patient: int = 3,
     ) -> None:
-        if target not in FINDINGS:
-            raise ValueError(f"data.source.target must be one of {FINDINGS}, got {target!r}")
+        if target not in (*FINDINGS, "finding"):
+            raise ValueError(f"data.source.target must be one of {(*FINDINGS, 'finding')}, got {target!r}")
         if n_images < 1 or size < 16:
             raise ValueError(f"data.source.n_images >= 1 and size >= 16 needed, got {n_images}, {size}")
         self.prev = {"pneumonia": 0.4, "covid": 0.2, **dict(prevalence or {})}
@@ -180,9 +182,13 @@ class PhantomCxrSource:
             has = {f: bool(frng.uniform() < float(self.prev.get(f, 0))) for f in FINDINGS}
             img, masks = render_cxr(self.seed, i, self.size, has["pneumonia"], has["covid"], contrast, scale)
             other = {f"finding_{f}": str(int(has[f])) for f in FINDINGS if f != self.target}
+            if self.target == "finding":
+                label, mask = (2 if has["covid"] else 1 if has["pneumonia"] else 0), masks["pneumonia"] | masks["covid"]
+            else:
+                label, mask = int(has[self.target]), masks[self.target]
             out.append({
                 "id": f"cxr_{i:05d}", "path": f"phantom_cxr://{self.seed}/{i}", "mask_path": None,
-                "image": img, "mask": masks[self.target], "label": int(has[self.target]),
+                "image": img, "mask": mask, "label": label,
                 "patient_id": f"C{p:05d}", "split": None, "attrs": {**attrs, **other},
             })
         return out

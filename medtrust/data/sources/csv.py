@@ -1,12 +1,28 @@
 """CSV manifest source: one row per image, paths relative to the CSV's folder."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import pandas as pd
 
 from medtrust.data.records import DataError, Record, normalise_split
+
+
+def record_id(path: str | PurePath, root: str | PurePath) -> str:
+    """Id of an image: ``path`` relative to ``root``, normalised, POSIX form, extension kept.
+
+    Relative paths are taken as relative to ``root``; symlinks are not resolved (the id is what
+    the data set calls the file). An absolute path outside ``root`` keeps its absolute form.
+    """
+    full = os.path.normpath(os.path.join(root, path))
+    try:
+        rel = os.path.relpath(full, os.path.normpath(root))
+    except ValueError:  # Windows: another drive
+        rel = os.pardir
+    outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
+    return PurePath(full if outside else rel).as_posix()
 
 
 class CsvSource:
@@ -23,6 +39,10 @@ class CsvSource:
             or absent from the file.
         attr_columns: columns copied into ``attrs`` (missing values become ``"unknown"``).
         classes: explicit class order for string labels.
+
+    A record's ``id`` is its ``path`` cell relative to the CSV's folder, normalised, in POSIX form
+    (``images/a/x.png``), so same-named files in different folders stay apart; a row without a
+    patient id is its own patient under that id.
 
     A row whose image or mask file does not exist becomes a record with an ``error`` message
     (naming the row); the datamodule raises it, or skips it under ``data.on_bad=skip``.
@@ -81,6 +101,7 @@ class CsvSource:
             if not rel:
                 raise DataError(f"{where}: empty '{self.cols['path']}' cell; expected an image path")
             path = (base / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
+            rid = record_id(rel, base)
             error = None if path.exists() else f"{where}: image file not found: {path}"
             mask_path = None
             if has["mask"] and row[self.cols["mask"]].strip():
@@ -96,8 +117,8 @@ class CsvSource:
                 raise DataError(f"{where}: no patient id (column {self.cols['patient']!r}) and no split column; "
                                 "patient-level splits need a patient id on every row")
             out.append({
-                "id": path.stem, "path": str(path), "mask_path": str(mask_path) if mask_path else None,
-                "label": label, "patient_id": pid or path.stem, "split": split,
+                "id": rid, "path": str(path), "mask_path": str(mask_path) if mask_path else None,
+                "label": label, "patient_id": pid or rid, "split": split,
                 "attrs": {c: (row[c].strip() or "unknown") for c in self.attr_columns},
                 "where": where, **({"error": error} if error else {}),
             })

@@ -157,7 +157,7 @@ class ChexpertSource:
                 raise DataError(f"{where}: no patient id (patientNNNNN) in Path {row['Path']!r}")
             path = self.image_root / row["Path"]
             rec: Record = {
-                "id": row["Path"].replace("/", "_"), "path": str(path), "mask_path": None, "label": int(value),
+                "id": row["Path"].strip(), "path": str(path), "mask_path": None, "label": int(value),
                 "patient_id": m.group(1) if m else row["Path"], "split": self.split, "where": where,
                 "attrs": {"sex": row["Sex"] or "unknown", "age_group": age_group(row["Age"], self.age_bins)},
             }

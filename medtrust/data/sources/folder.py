@@ -13,7 +13,10 @@ class FolderSource:
     Layout: ``root/<image_dir>/**/<stem>.<ext>`` and, for segmentation,
     ``root/<mask_dir>/<stem><mask_suffix>.<ext>``. When ``classes_from_subfolders`` is true, the
     first sub-folder under ``image_dir`` names the class (sorted order gives the label index).
-    There are no patient ids, so each image is its own patient and splits are computed.
+    There are no patient ids, so each image is its own patient and splits are computed. A record's
+    ``id`` and ``patient_id`` are its path relative to ``root`` in POSIX form
+    (``images/benign/x.png``), so same-named files in different class folders stay two images of
+    two patients.
 
     Args:
         root: data folder.
@@ -65,6 +68,7 @@ class FolderSource:
         classes = sorted({p.relative_to(img_root).parts[0] for p in images if len(p.relative_to(img_root).parts) > 1})
         out: list[Record] = []
         for p in images:
+            rid = p.relative_to(self.root).as_posix()
             label = None
             if self.classes_from_subfolders:
                 parts = p.relative_to(img_root).parts
@@ -76,6 +80,6 @@ class FolderSource:
                 mask = self._find_mask(p.stem)
                 if mask is None:
                     error = f"image without mask: {p} (expected {self.root / self.mask_dir}/{p.stem}{self.mask_suffix}.<ext>)"
-            out.append({"id": p.stem, "path": str(p), "mask_path": str(mask) if mask else None, "label": label,
-                        "patient_id": p.stem, "split": None, "attrs": {}, **({"error": error} if error else {})})
+            out.append({"id": rid, "path": str(p), "mask_path": str(mask) if mask else None, "label": label,
+                        "patient_id": rid, "split": None, "attrs": {}, **({"error": error} if error else {})})
         return out

@@ -20,7 +20,9 @@ class IsicSource:
         ISIC2018_Task1-2_Test_Input/         ISIC2018_Task1_Test_GroundTruth/
 
     The official split of each folder is kept. ISIC 2018 Task 1 gives no patient ids, so each image
-    is its own patient (the ISIC challenge built its splits without patient overlap).
+    is its own patient (the ISIC challenge built its splits without patient overlap). Record ids are
+    the official image ids (``ISIC_0000000``, the file stem), unique over the three splits; the
+    datamodule refuses a repeated one (e.g. ``ISIC_0000000.jpg`` and ``.png`` side by side).
 
     Args:
         root: folder holding the ISIC folders.
@@ -64,8 +66,8 @@ class IsicSource:
                 raise DataError(f"{inp}: no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r}")
             for p in images:
                 mask = gt / f"{p.stem}{self.mask_suffix}.png"
-                rec = {"id": p.stem, "path": str(p), "mask_path": str(mask), "label": None,
-                       "patient_id": p.stem, "split": split, "attrs": {}}
+                rec: Record = {"id": p.stem, "path": str(p), "mask_path": str(mask), "label": None,
+                               "patient_id": p.stem, "split": split, "attrs": {}}
                 if not mask.exists():
                     rec["error"] = f"image without mask: {p} (expected {mask})"
                 out.append(rec)

@@ -62,6 +62,8 @@ def test_chexpert_uncertain_policies(tmp_path, policy, labels):
     recs = ChexpertSource(str(t), uncertain=policy).records()
     assert [r["label"] for r in recs] == labels
     assert recs[0]["patient_id"] == "patient00000" and "error" not in recs[0]
+    # the id is the official Path relative to image_root (was '/' -> '_', which could merge two paths)
+    assert recs[0]["id"] == "CheXpert-v1.0-small/train/patient00000/study1/view0_frontal.jpg"
 
 
 def test_chexpert_uncertain_without_policy_names_the_row(tmp_path):
