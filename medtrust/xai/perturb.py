@@ -21,8 +21,46 @@ PERTURBATIONS = ("mc_dropout", "tta", "noise")
 
 
 def dropout_modules(task: nn.Module) -> list[nn.Module]:
-    """Every dropout module of ``task`` (``nn.Dropout``/``Dropout2d``/…; timm ``DropPath``)."""
+    """Every dropout module of ``task`` (``nn.Dropout``/``Dropout2d``/…; timm ``DropPath``), whatever its rate."""
     return [m for m in task.modules() if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "DropPath"]
+
+
+def _drop_rate(module: nn.Module) -> float:
+    # nn.Dropout* keep the rate in ``p``; timm's and MONAI's DropPath in ``drop_prob``
+    return float(getattr(module, "p", getattr(module, "drop_prob", 0.0)) or 0.0)
+
+
+def active_dropout_modules(task: nn.Module) -> list[nn.Module]:
+    """The dropout modules of ``task`` that actually drop something: ``nn.Dropout*`` with ``p > 0`` and
+    ``DropPath`` with ``drop_prob > 0``. Only these make MC-dropout passes differ.
+
+    Args:
+        task: any module (a task or a bare net).
+
+    Returns:
+        The modules, in ``task.modules()`` order (empty when MC dropout would be deterministic).
+    """
+    return [m for m in dropout_modules(task) if _drop_rate(m) > 0]
+
+
+def mc_dropout_undefined_reason(task: nn.Module) -> str | None:
+    """Why MC-dropout explanation stability is undefined for ``task`` (no active dropout module), or None."""
+    if active_dropout_modules(task):
+        return None
+    n = len(dropout_modules(task))
+    return (f"undefined: no dropout module with p > 0 in {type(task).__name__} "
+            f"({n} dropout module(s) with p = 0); every MC pass would be identical")
+
+
+class PerturbedMaps(dict):
+    """``perturbation -> map name -> T×B×H×W`` (a plain dict), plus ``undefined``: perturbation ->
+    reason for every configured perturbation that is undefined for this model and therefore absent,
+    e.g. ``{"mc_dropout": "undefined: no dropout module with p > 0 in SegmentationTask ..."}``.
+    Callers write ``undefined`` into their results instead of a stability value."""
+
+    def __init__(self, *args: Any, undefined: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.undefined: dict[str, str] = dict(undefined or {})
 
 
 def _run(method: ExplanationMethod, x: ExplainInputs) -> dict[str, torch.Tensor]:
@@ -30,16 +68,18 @@ def _run(method: ExplanationMethod, x: ExplainInputs) -> dict[str, torch.Tensor]
 
 
 def mc_dropout_maps(method: ExplanationMethod, x: ExplainInputs, samples: int) -> dict[str, torch.Tensor]:
-    """Maps under ``samples`` passes with only the dropout modules in training mode (seeded by
-    ``x.seed``). Returns name -> T×B×H×W.
+    """Maps under ``samples`` passes with only the active dropout modules (:func:`active_dropout_modules`)
+    in training mode (seeded by ``x.seed``). Returns name -> T×B×H×W.
 
     Raises:
-        ValueError: the model has no dropout module (MC-dropout stability is undefined).
+        ValueError: the model has no dropout module with p > 0 (MC-dropout stability is undefined:
+            every pass would be identical and every map would look perfectly stable).
     """
-    mods = dropout_modules(x.task)
-    if not mods:
-        raise ValueError(f"{type(x.task).__name__} has no dropout module: MC-dropout explanation stability is "
-                         "undefined (set model dropout > 0 or drop mc_dropout from xai stability)")
+    reason = mc_dropout_undefined_reason(x.task)
+    if reason is not None:
+        raise ValueError(f"MC-dropout explanation stability is {reason} (set model dropout > 0 or drop "
+                         "mc_dropout from xai stability)")
+    mods = active_dropout_modules(x.task)
     states = [m.training for m in mods]
     out: dict[str, list[torch.Tensor]] = {}
     try:
@@ -87,15 +127,27 @@ def noise_maps(method: ExplanationMethod, x: ExplainInputs, std: float, n: int) 
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-def perturbed_maps(method: ExplanationMethod, x: ExplainInputs, cfg: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+def perturbed_maps(method: ExplanationMethod, x: ExplainInputs, cfg: dict[str, Any]) -> PerturbedMaps:
     """All configured perturbations: ``cfg`` keys ``mc_dropout`` (T, 0 = off), ``tta`` (list of
-    flips), ``noise_std`` and ``n_noise``. Returns perturbation -> map name -> T×B×H×W."""
+    flips), ``noise_std`` and ``n_noise``.
+
+    Returns:
+        perturbation -> map name -> T×B×H×W, as a :class:`PerturbedMaps` whose ``undefined`` names the
+        configured perturbations left out and why (``mc_dropout`` on a model without dropout p > 0).
+
+    Raises:
+        ValueError: an unknown key in ``cfg``.
+    """
     unknown = set(cfg) - {"mc_dropout", "tta", "noise_std", "n_noise"}
     if unknown:
         raise ValueError(f"xai stability: unknown key(s) {sorted(unknown)}; allowed mc_dropout, tta, noise_std, n_noise")
-    res: dict[str, dict[str, torch.Tensor]] = {}
+    res = PerturbedMaps()
     if int(cfg.get("mc_dropout") or 0) > 0:
-        res["mc_dropout"] = mc_dropout_maps(method, x, int(cfg["mc_dropout"]))
+        reason = mc_dropout_undefined_reason(x.task)
+        if reason is None:
+            res["mc_dropout"] = mc_dropout_maps(method, x, int(cfg["mc_dropout"]))
+        else:
+            res.undefined["mc_dropout"] = reason
     if cfg.get("tta"):
         res["tta"] = tta_maps(method, x, list(cfg["tta"]))
     if float(cfg.get("noise_std") or 0) > 0 and int(cfg.get("n_noise") or 0) > 0:
