@@ -78,9 +78,47 @@ def check_run_dir(run_dir: str | Path, key: str = "run_dir") -> Path:
     return p
 
 
-def load_run_config(run_dir: str | Path) -> DictConfig:
-    """The run's composed config (``.hydra/config.yaml``, interpolations kept)."""
-    return OmegaConf.load(check_run_dir(run_dir) / ".hydra" / "config.yaml")  # type: ignore[return-value]
+_EXTRA_TARGETS: tuple[str, ...] = ()
+
+
+def allow_targets(targets: list[str] | tuple[str, ...] | None) -> None:
+    """Targets this command allows beyond the trusted config trees (``security.allow_targets``)."""
+    global _EXTRA_TARGETS
+    _EXTRA_TARGETS = tuple(str(t) for t in (targets or ()))
+
+
+def command_policy() -> Any:
+    """What a run folder's config may instantiate in this command: the project's ``conf/``, the
+    config trees on this command's ``hydra.searchpath`` and ``security.allow_targets`` (never what
+    the run folder itself lists)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from medtrust.runs.security import default_policy
+
+    try:
+        searchpath = [str(p) for p in (HydraConfig.get().searchpath or [])]
+    except ValueError:  # no Hydra context (library use): the project's tree only
+        searchpath = []
+    return default_policy(searchpath, _EXTRA_TARGETS)
+
+
+def load_run_config(run_dir: str | Path, check: bool = True) -> DictConfig:
+    """The run's composed config (``.hydra/config.yaml``, interpolations kept).
+
+    Every ``_target_`` in it is checked against :func:`command_policy` first, so a run folder
+    received from someone else cannot make evaluate.py or explain.py import and call arbitrary code
+    (``check=False`` only for reading plain values before Hydra starts; nothing is instantiated).
+
+    Raises:
+        medtrust.runs.security.UnsafeTargetError: a target outside the policy (named with its key).
+    """
+    path = check_run_dir(run_dir) / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(path)
+    if check:
+        from medtrust.runs.security import check_targets
+
+        check_targets(cfg, str(path), command_policy())
+    return cfg  # type: ignore[return-value]
 
 
 def load_run_choices(run_dir: str | Path) -> dict[str, str]:
