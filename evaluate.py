@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from medtrust.runs.evaluate import prepare_argv
+    from medtrust.runs.argv import prepare_argv
     from medtrust.runs.rundir import RunDirError
 
     try:

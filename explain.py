@@ -1,5 +1,5 @@
 """Explain a trained run: ``python explain.py run_dir=<run> [xai=<suite>] [split=test] [n_images=6]``
-(the xai suite defaults to the run's task: ``segmentation`` or ``classification``)."""
+(the xai suite defaults to the one named after the run's task, e.g. ``segmentation``)."""
 from __future__ import annotations
 
 import sys
@@ -18,11 +18,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from medtrust.runs.evaluate import prepare_argv
+    from medtrust.runs.argv import prepare_argv
     from medtrust.runs.rundir import RunDirError
 
     try:
-        sys.argv = prepare_argv(sys.argv, multi=False, choose_xai=True)
+        sys.argv = prepare_argv(sys.argv, multi=False, choose_xai=True, groups=("data",))
     except RunDirError as err:
         sys.exit(f"explain.py: {err}")
     main()

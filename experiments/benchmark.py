@@ -42,7 +42,7 @@ from hydra.utils import instantiate  # noqa: E402
 
 import medtrust.runs.resolvers  # noqa: E402,F401
 from medtrust.callbacks.checkpoint_io import AtomicCheckpointIO  # noqa: E402
-from medtrust.runs.train import build_task, instantiate_list  # noqa: E402
+from medtrust.runs.builders import build_task, instantiate_list  # noqa: E402
 
 
 def compose_cfg(overrides: list[str], out_dir: Path):

@@ -30,7 +30,7 @@ def row(name: str, run: Path) -> dict:
     m = json.loads((run / "metrics" / "val.json").read_text())
     u, c = m["cls_uncalibrated"], m["cls"]
     return {"model": name, "run": str(run), "val_auroc": c["auroc"], "val_accuracy": c["accuracy"],
-            "val_ece_before_ts": u["ece"], "val_ece_after_ts": c["ece"], "val_brier_before_ts": u["brier"],
+            "val_ece_before_ts": u["ece_top_label"], "val_ece_after_ts": c["ece_top_label"], "val_brier_before_ts": u["brier"],
             "val_brier_after_ts": c["brier"], "temperature": m["temperature"], "fit_seconds": m["fit_seconds"]}
 
 

@@ -33,6 +33,43 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, check: bool = True, ti
     return proc
 
 
+def run_script_capped(script: str, *args: str, max_rss_mb: int, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
+    """``run_script`` under a resident-memory cap: the process is killed as soon as its RSS exceeds
+    ``max_rss_mb`` (polled every 0.1 s from /proc), and its peak RSS (MB, from ``wait4``) is returned."""
+    import signal
+    import time
+
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    import tempfile
+
+    out_f, err_f = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # a full pipe would block the child
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, stdout=out_f,
+                            stderr=err_f, text=True, start_new_session=True)
+    deadline, killed, status, usage = time.time() + timeout, False, None, None
+    while time.time() < deadline:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps with its rusage (Popen.poll would reap without)
+        if pid:
+            break
+        try:
+            rss_kb = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmRSS"))
+        except (OSError, StopIteration):
+            rss_kb = 0
+        if rss_kb > max_rss_mb * 1024:
+            killed = True
+            break
+        time.sleep(0.1)
+    else:
+        killed = True
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+        os.wait4(proc.pid, 0)
+        raise AssertionError(f"{script} {' '.join(args)} exceeded {max_rss_mb} MB resident memory (or {timeout} s) and was killed")
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out_f.seek(0), err_f.seek(0)
+    out, err = out_f.read(), err_f.read()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), usage.ru_maxrss / 1024
+
+
 @pytest.fixture(scope="session")
 def phantom_records():
     from medtrust.data.phantoms.derm import PhantomDermSource

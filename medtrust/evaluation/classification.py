@@ -3,7 +3,7 @@ temperature scaling, predictions with uncertainty, trust quadrants, failure case
 Used at the end of ``train.py`` and by ``evaluate.py``."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,51 +12,30 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from medtrust.evaluation.config import evaluation_config, fit_split, plain, to_plain
 from medtrust.metrics.classification import (
     compute_classification_metrics,
     fit_temperature,
     predictive_uncertainty,
     risk_coverage,
 )
-from medtrust.metrics.stats import bootstrap_ci
 from medtrust.metrics.stability import stability_vs_uncertainty
-from medtrust.metrics.subgroups import (
-    SUBGROUP_DEFAULTS,
-    attribute_frame,
-    classification_subgroups,
-    write_subgroup_csvs,
-)
+from medtrust.metrics.stats import bootstrap_ci
+from medtrust.metrics.subgroups import attribute_frame, classification_subgroups, write_subgroup_csvs
 from medtrust.report import figures
-from medtrust.xai.perturb import dropout_modules
-from medtrust.utils.io import write_json
+from medtrust.tasks.base import EvalResult
+from medtrust.utils.io import read_json, write_csv, write_json
 from medtrust.utils.logging import get_logger
+from medtrust.utils.names import safe_filename
+from medtrust.xai.perturb import active_dropout_modules
 
 log = get_logger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "subgroups": SUBGROUP_DEFAULTS,   # per-group metrics and gaps (see medtrust.metrics.subgroups)
-    "calibration_bins": 15,
-    "bootstrap": 1000,            # resamples for the ECE/AUROC confidence intervals
-    "uncertainty_method": "auto",  # auto | deterministic | mc_dropout | ensemble
-    "calibrate": True,            # apply the temperature fitted on validation
-    "calibration_split": "auto",  # auto (cal when present, else val) | val | cal
-    "quadrant_threshold": "auto",  # confidence threshold of the trust quadrants (auto = chosen on val)
-    "quadrant_target_accuracy": 0.99,
-    "n_failure_cases": 8,
-    "figures": True,
-    "mc_seed": 0,                 # MC-dropout masks are drawn from this seed: evaluation is reproducible
-    # third trust axis: Grad-CAM stability under MC dropout (Spearman of each pass's map with the
-    # deterministic map, mean over passes); 0 passes = off
-    "explanation_stability_samples": 8,
-    "explanation_stability_threshold": 0.9,   # stable when the mean Spearman >= this
-    "explanation_stability_layer": "auto",    # Grad-CAM layer (auto = last conv stage)
-}
 QUADRANTS = ("correct_confident", "correct_uncertain", "incorrect_confident", "incorrect_uncertain")
 CALIBRATION_FILE = "calibration.json"
-
-
-def _cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {**DEFAULTS, **{k: v for k, v in dict(cfg or {}).items() if k in DEFAULTS}}
+# the scalar metrics of a method, in files and the comparison table
+SCALARS = ("auroc", "accuracy", "f1", "pr_auc", "ece_top_label", "ece_top_label_adaptive", "ece_positive", "brier",
+           "nll", "aurc")
 
 
 @torch.inference_mode()
@@ -95,10 +74,9 @@ def _collect(task: torch.nn.Module, datamodule: Any, split: str) -> dict[str, An
 
 
 def method_logits(task: torch.nn.Module, coll: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """S×N×C logits of each available uncertainty method."""
+    """S×N×C logits of each available uncertainty method (MC dropout only with a dropout p > 0)."""
     out = {"deterministic": coll["member_logits"][:1]}
-    drop = [m.p for m in task._dropout_modules(head_only=task.mc_scope == "head")] if hasattr(task, "_dropout_modules") else []
-    if coll["mc_logits"] is not None and any(p > 0 for p in drop):
+    if coll["mc_logits"] is not None and active_dropout_modules(task):
         out["mc_dropout"] = coll["mc_logits"]
     if coll["member_logits"].shape[0] > 1:
         out["ensemble"] = coll["member_logits"]
@@ -121,7 +99,7 @@ def probs_of(samples: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def choose_quadrant_threshold(conf: torch.Tensor, correct: torch.Tensor, target_accuracy: float) -> float:
-    """Smallest confidence threshold whose kept (>= threshold) validation predictions reach
+    """Smallest confidence threshold whose kept (>= threshold) predictions reach
     ``target_accuracy``; the median confidence when none does."""
     order = conf.argsort(descending=True, stable=True)
     acc = correct[order].double().cumsum(0) / torch.arange(1, len(order) + 1)
@@ -132,87 +110,112 @@ def choose_quadrant_threshold(conf: torch.Tensor, correct: torch.Tensor, target_
 
 
 def calibration_split(datamodule: Any, choice: str) -> str:
-    """Split that temperature scaling and the quadrant threshold are fitted on: ``auto`` takes the
-    carved-out calibration split ``cal`` when the data has one, else ``val``."""
-    if choice == "auto":
-        return "cal" if datamodule.has_split("cal") else "val"
-    if choice not in ("val", "cal"):
-        raise ValueError(f"evaluation.calibration_split must be auto, val or cal, got {choice!r}")
-    if not datamodule.has_split(choice):
-        raise ValueError(f"evaluation.calibration_split={choice} but the data has no {choice!r} split "
-                         "(set data.splits.calibration_fraction > 0 to carve one from train)")
-    return choice
+    """Split that temperature scaling and the quadrant threshold are fitted on (see :func:`fit_split`)."""
+    return fit_split(datamodule, choice, "evaluation.calibration_split")
 
 
 def fit_calibration(task: torch.nn.Module, datamodule: Any, run_dir: str | Path, cfg: Any = None) -> dict[str, Any]:
-    """Fit one temperature per uncertainty method (LBFGS on validation NLL) and the trust-quadrant
-    confidence threshold on validation; write ``calibration.json``."""
-    c = _cfg(cfg)
-    split = calibration_split(datamodule, str(c["calibration_split"]))
-    coll = collect(task, datamodule, split, int(c["mc_seed"]))
+    """Fit one temperature per uncertainty method (LBFGS on NLL) and the trust-quadrant confidence
+    threshold on the calibration split (``cal`` by default, carved from the training patients);
+    write ``calibration.json``."""
+    c = evaluation_config("classification", cfg)
+    split = calibration_split(datamodule, str(c.calibration_split))
+    if split == "val":
+        log.warning("temperature and quadrant threshold are fitted on val, which also chose the checkpoint: "
+                    "val figures after scaling are in-sample (data.splits.calibration_fraction > 0 avoids it)")
+    coll = collect(task, datamodule, split, int(c.mc_seed))
     if coll["labels"] is None:
         raise ValueError(f"temperature scaling needs labelled images in split {split!r}")
     labels = coll["labels"]
     methods = method_logits(task, coll)
     temps = {m: fit_temperature(s, labels) for m, s in methods.items()}
-    primary = primary_method(methods, str(c["uncertainty_method"]))
-    t = temps[primary] if c["calibrate"] else 1.0
+    primary = primary_method(methods, str(c.uncertainty_method))
+    t = temps[primary] if c.calibrate else 1.0
     probs = probs_of(methods[primary], t)
     conf, pred = probs.max(1)
-    thr = c["quadrant_threshold"]
-    thr = choose_quadrant_threshold(conf, pred == labels, float(c["quadrant_target_accuracy"])) \
+    thr = c.quadrant_threshold
+    thr = choose_quadrant_threshold(conf, pred == labels, float(c.quadrant_target_accuracy)) \
         if thr in (None, "auto") else float(thr)
     out = {"fitted_on": split, "n_images": len(labels), "temperatures": temps, "primary_method": primary,
-           "calibrated": bool(c["calibrate"]), "quadrant_threshold": thr,
-           "quadrant_target_accuracy": float(c["quadrant_target_accuracy"])}
+           "calibrated": bool(c.calibrate), "quadrant_threshold": thr,
+           "quadrant_target_accuracy": float(c.quadrant_target_accuracy)}
     write_json(Path(run_dir) / CALIBRATION_FILE, out)
     log.info(f"calibration on {split} ({len(labels)} images): temperatures {temps}, primary {primary}, quadrant threshold {thr:.3f}")
     return out
+
+
+def load_calibration(run_dir: str | Path) -> dict[str, Any] | None:
+    p = Path(run_dir) / CALIBRATION_FILE
+    return read_json(p) if p.is_file() else None
 
 
 def _quadrant(correct: bool, confident: bool) -> str:
     return f"{'correct' if correct else 'incorrect'}_{'confident' if confident else 'uncertain'}"
 
 
+def _scalars(m: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in SCALARS if k in m}
+
+
 def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, out_dir: str | Path,
                             cfg: Any = None, extra: Mapping[str, Any] | None = None,
-                            calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                            calibration: Mapping[str, Any] | None = None) -> EvalResult:
     """Write ``metrics/<split>.json``, ``<split>_predictions.csv``, ``metrics/<split>_methods.csv``,
-    failure cases and figures; without labels only predictions are written."""
-    c = _cfg(cfg)
+    failure cases and figures; without labels only predictions are written.
+
+    Args:
+        calibration: what post-fit fitted (``calibration.json``): temperatures, primary method,
+            quadrant threshold and the split they were fitted on. Figures after scaling on that same
+            split are marked in-sample (``metrics["in_sample"]``).
+    """
+    c = evaluation_config("classification", cfg)
     out_dir = Path(out_dir)
-    coll = collect(task, datamodule, split, int(c["mc_seed"]))
+    n_bins = int(c.calibration_bins)
+    coll = collect(task, datamodule, split, int(c.mc_seed))
     methods = method_logits(task, coll)
-    temps = dict((calibration or {}).get("temperatures", {}))
-    primary = (calibration or {}).get("primary_method") or primary_method(methods, str(c["uncertainty_method"]))
-    if c["uncertainty_method"] != "auto":
-        primary = primary_method(methods, str(c["uncertainty_method"]))
-    t = float(temps.get(primary, 1.0)) if c["calibrate"] else 1.0
+    cal_in = dict(calibration or {})
+    temps = dict(cal_in.get("temperatures", {}))
+    primary = cal_in.get("primary_method") or primary_method(methods, str(c.uncertainty_method))
+    if c.uncertainty_method != "auto" or primary not in methods:
+        primary = primary_method(methods, str(c.uncertainty_method))
+    t = float(temps.get(primary, 1.0)) if c.calibrate else 1.0
     unc = predictive_uncertainty(torch.softmax(methods[primary].double() / t, -1))
     probs = unc["mean"].float()
     conf, pred = probs.max(1)
     labels, recs = coll["labels"], coll["records"]
-    thr = float((calibration or {}).get("quadrant_threshold", 0.5 if c["quadrant_threshold"] == "auto" else c["quadrant_threshold"]))
+    thr = float(cal_in.get("quadrant_threshold", 0.5 if c.quadrant_threshold == "auto" else c.quadrant_threshold))
+    fitted_on = cal_in.get("fitted_on") if cal_in else None
+    in_sample = fitted_on == split
+    calib = {"method": primary, "temperature": t, "scaled": bool(c.calibrate and primary in temps),
+             "fitted_on": fitted_on, "n_fitted_images": cal_in.get("n_images"), "reported_on": split,
+             "in_sample": in_sample, "quadrant_threshold": thr}
     pred_df = pd.DataFrame({
         "id": [r["id"] for r in recs], "path": [r.get("path") for r in recs],
         "patient_id": [r["patient_id"] for r in recs],
         **{f"prob_{k}": probs[:, k].numpy() for k in range(probs.shape[1])},
         "pred": pred.numpy(), "confidence": conf.numpy(),
-        **{k: unc[k].float().numpy() for k in ("entropy", "mutual_information", "variance")},
+        **{k: unc[k].float().numpy() for k in ("entropy", "expected_entropy", "mutual_information", "variance")},
         "method": primary, "temperature": t,
     })
-    result: dict[str, Any] = {"split": split, "task": "classification", "n_images": len(recs),
-                              "method": primary, "temperature": t, "data": datamodule.summary(), **dict(extra or {})}
+    result: dict[str, Any] = {"split": split, "task": task.task_name, "metric_group": task.metric_group,
+                              "metric_groups": ["cls", "cal"], "n_images": len(recs), "n_classes": int(probs.shape[1]),
+                              "method": primary, "temperature": t, "calibration": calib,
+                              "in_sample": (["cls", "cal", "quadrants"] if in_sample else []),
+                              "data": datamodule.summary(), "trust_thresholds": plain(c.trust), **dict(extra or {})}
     mdir = out_dir / "metrics"
-    mdir.mkdir(parents=True, exist_ok=True)
+    pred_path = out_dir / f"{split}_predictions.csv"
+    tables = {"predictions": pred_path}
     if labels is None:  # unlabelled images: predictions only
-        pred_df.to_csv(out_dir / f"{split}_predictions.csv", index=False)
-        result["labelled"] = False
+        write_csv(pred_path, pred_df)
+        result.update({"labelled": False, "metric_groups": [], "tables": {"predictions": str(pred_path)}})
         write_json(mdir / f"{split}.json", result)
-        return result
+        return EvalResult(split, task.task_name, task.metric_group, result, tables, [])
+    if in_sample:
+        log.warning(f"{split}: temperature and quadrant threshold were fitted on this split: figures after scaling "
+                    "are in-sample")
 
-    sub_cfg = {**SUBGROUP_DEFAULTS, **dict(c["subgroups"] or {})}
-    attrs = attribute_frame(recs, sub_cfg["attributes"])
+    sub_cfg = c.subgroups
+    attrs = attribute_frame(recs, to_plain(sub_cfg.attributes))
     attrs.columns = [a if a not in pred_df.columns and a not in ("label", "correct", "quadrant") else f"attr_{a}"
                      for a in attrs.columns]
     pred_df = pd.concat([pred_df, attrs], axis=1)
@@ -221,67 +224,95 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
     pred_df.insert(3, "label", labels.numpy())
     pred_df["correct"] = correct.numpy()
     pred_df["quadrant"] = [_quadrant(bool(a), bool(b)) for a, b in zip(correct, confident)]
-    pred_df.to_csv(out_dir / f"{split}_predictions.csv", index=False)
 
     rows = []
     for name, s in methods.items():
         for scaled in (False, True):
-            tt = float(temps.get(name, 1.0)) if scaled else 1.0
             if scaled and name not in temps:
                 continue
-            m = compute_classification_metrics(probs_of(s, tt), labels, int(c["calibration_bins"]))
+            tt = float(temps.get(name, 1.0)) if scaled else 1.0
+            m = compute_classification_metrics(probs_of(s, tt), labels, n_bins)
             rows.append({"method": name, "temperature_scaled": scaled, "temperature": tt,
+                         "fitted_on": fitted_on if scaled else None, "in_sample": bool(scaled and in_sample),
                          **{k: v for k, v in m.items() if k != "reliability"}})
-    pd.DataFrame(rows).to_csv(mdir / f"{split}_methods.csv", index=False)
-    cls = compute_classification_metrics(probs, labels, int(c["calibration_bins"]))
-    uncal = compute_classification_metrics(probs_of(methods[primary], 1.0), labels, int(c["calibration_bins"]))
-
-    def ece_of(p, y):
-        return compute_classification_metrics(p, y, int(c["calibration_bins"]))["ece"]
-
-    def auroc_of(p, y):
-        return compute_classification_metrics(p, y, int(c["calibration_bins"]))["auroc"]
-
-    n_boot = int(c["bootstrap"])
-    cis = {"ece": bootstrap_ci(ece_of, probs, labels, n_boot=n_boot), "auroc": bootstrap_ci(auroc_of, probs, labels, n_boot=n_boot)}
+    tables["methods"] = mdir / f"{split}_methods.csv"
+    write_csv(tables["methods"], pd.DataFrame(rows))
+    cls = compute_classification_metrics(probs, labels, n_bins)
+    uncal = compute_classification_metrics(probs_of(methods[primary], 1.0), labels, n_bins)
+    cis = _cis(probs, labels, n_bins, int(c.bootstrap))
     counts = pred_df["quadrant"].value_counts().reindex(QUADRANTS, fill_value=0).astype(int).to_dict()
-    quadrants: dict[str, Any] = {"confidence_threshold": thr, "counts": counts}
-    if int(c["explanation_stability_samples"]) > 0 and dropout_modules(task):
-        stab = explanation_stability(task, datamodule, split, pred_df["pred"].to_numpy(), int(c["explanation_stability_samples"]),
-                                     c["explanation_stability_layer"], int(c["mc_seed"]))
-        st_thr = float(c["explanation_stability_threshold"])
+    quadrants: dict[str, Any] = {"confidence_threshold": thr, "threshold_fitted_on": fitted_on, "counts": counts}
+    samples = int(c.explanation_stability_samples)
+    if samples > 0 and active_dropout_modules(task):
+        stab = explanation_stability(task, datamodule, split, pred_df["pred"].to_numpy(), samples,
+                                     c.explanation_stability_layer, int(c.mc_seed))
+        st_thr = float(c.explanation_stability_threshold)
         pred_df["explanation_stability"] = stab
         stable = np.where(np.isfinite(stab), np.where(stab >= st_thr, "stable", "unstable"), "undefined")
         pred_df["quadrant_stability"] = [f"{q}_{s}" for q, s in zip(pred_df["quadrant"], stable)]
-        pred_df.to_csv(out_dir / f"{split}_predictions.csv", index=False)
         quadrants["stability"] = {
             "method": "gradcam under MC dropout (mean Spearman with the deterministic map)",
-            "samples": int(c["explanation_stability_samples"]), "threshold": st_thr,
+            "samples": samples, "threshold": st_thr,
+            "mean": float(np.nanmean(stab)) if np.isfinite(stab).any() else None,
+            "ci95": bootstrap_ci(lambda v: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
+                                 torch.as_tensor(stab), n_boot=int(c.bootstrap)) if int(c.bootstrap) > 0 else None,
             "counts": {f"{q}_{s}": int((pred_df["quadrant_stability"] == f"{q}_{s}").sum())
                        for q in QUADRANTS for s in ("stable", "unstable", "undefined")},
             "vs_uncertainty_and_correctness": stability_vs_uncertainty(stab, pred_df["entropy"].to_numpy(),
                                                                        pred_df["correct"].to_numpy()),
         }
+    elif samples > 0:
+        quadrants["stability"] = {"undefined": f"no dropout module with p > 0 in {type(task).__name__}: MC-dropout "
+                                               "explanation stability is undefined (every pass would be identical)"}
+    write_csv(pred_path, pred_df)
     result.update({
-        "cls": {k: v for k, v in cls.items() if k != "reliability"},
-        "cls_uncalibrated": {k: v for k, v in uncal.items() if k != "reliability"},
-        "ci95": cis, "cal": {"ece": cls["ece"], "brier": cls["brier"], "reliability": cls["reliability"]},
+        "cls": _scalars(cls), "cls_uncalibrated": _scalars(uncal), "ci95": cis,
+        "cal": {k: cls[k] for k in ("ece_top_label", "ece_positive", "brier") if k in cls} | {"reliability": cls["reliability"]},
         "methods": rows, "quadrants": quadrants,
     })
     if len(attrs.columns):
         result["subgroups"] = classification_subgroups(pred_df, list(attrs.columns), probs.shape[1],
-                                                       int(sub_cfg["min_group_size"]), int(sub_cfg["bootstrap"]),
-                                                       int(c["mc_seed"]))
-        write_subgroup_csvs(result["subgroups"], mdir, split)
-    fails = export_failure_cases(datamodule, split, pred_df, out_dir / "failure_cases", int(c["n_failure_cases"]))
+                                                       int(sub_cfg.min_group_size), int(sub_cfg.bootstrap),
+                                                       int(c.mc_seed))
+        for p in write_subgroup_csvs(result["subgroups"], mdir, split):
+            tables[Path(p).stem.removeprefix(f"{split}_")] = Path(p)
+    fails = export_failure_cases(datamodule, split, pred_df, out_dir / "failure_cases", int(c.n_failure_cases))
     result["failure_cases"] = fails
-    if c["figures"]:
-        result["figures"] = _figures(datamodule, split, methods, temps, labels, probs, uncal, cls, unc, correct,
-                                     pred_df, out_dir / "figures" / split, c)
+    figs: list[Path] = []
+    if c.figures:
+        figs = _figures(datamodule, split, methods, temps, labels, probs, uncal, cls, unc, correct, pred_df,
+                        out_dir / "figures" / split)
+        result["figures"] = [str(p) for p in figs]
+    result["tables"] = {k: str(v) for k, v in tables.items()}
     write_json(mdir / f"{split}.json", result)
-    log.info(f"{split} [{primary}, T={t:.3f}]: AUROC {cls['auroc']:.4f}, acc {cls['accuracy']:.4f}, "
-             f"ECE {uncal['ece']:.4f} -> {cls['ece']:.4f}, Brier {uncal['brier']:.4f} -> {cls['brier']:.4f}")
-    return result
+    log.info(f"{split} [{primary}, T={t:.3f}{', in-sample' if in_sample else ''}]: AUROC {cls['auroc']:.4f}, "
+             f"acc {cls['accuracy']:.4f}, top-label ECE {uncal['ece_top_label']:.4f} -> {cls['ece_top_label']:.4f}, "
+             f"Brier {uncal['brier']:.4f} -> {cls['brier']:.4f}")
+    return EvalResult(split, task.task_name, task.metric_group, result, tables, figs)
+
+
+def _cis(probs: torch.Tensor, labels: torch.Tensor, n_bins: int, n_boot: int) -> dict[str, Any]:
+    """BCa bootstrap 95 % CIs (over images) of the reported top-label ECE, AUROC and accuracy; each
+    resample computes only its own metric (the whole metric set per resample costs 10-25x more)."""
+    if n_boot <= 0 or len(labels) < 2:
+        return {}
+    from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+    from medtrust.metrics.calibration import calibration_bins, ece_from_bins
+
+    conf, pred = probs.max(1)
+    correct = (pred == labels).double()
+    c = probs.shape[1]
+
+    def auroc(p: torch.Tensor, y: torch.Tensor) -> float:
+        if y.unique().numel() < 2:
+            return float("nan")
+        return float(binary_auroc(p[:, 1], y) if c == 2 else multiclass_auroc(p, y, num_classes=c))
+
+    return {"ece_top_label": bootstrap_ci(lambda cf, ok: ece_from_bins(calibration_bins(cf, ok, n_bins))["ece"],
+                                          conf, correct, n_boot=n_boot),
+            "auroc": bootstrap_ci(auroc, probs, labels, n_boot=n_boot),
+            "accuracy": bootstrap_ci(lambda ok: float(ok.mean()), correct, n_boot=n_boot)}
 
 
 def explanation_stability(task: torch.nn.Module, dm: Any, split: str, pred: np.ndarray, samples: int,
@@ -315,10 +346,6 @@ def explanation_stability(task: torch.nn.Module, dm: Any, split: str, pred: np.n
     return np.asarray(out, dtype=float)
 
 
-def _image(dm: Any, split: str, i: int) -> np.ndarray:
-    return dm.raw_image(split, int(i))
-
-
 def export_failure_cases(dm: Any, split: str, df: pd.DataFrame, folder: Path, k: int) -> dict[str, int]:
     """Most confident errors and most uncertain correct predictions of ``split``:
     ``<folder>/<split>/<kind>/<rank>_<id>.png`` and ``<folder>/<split>/index.csv`` (one folder per
@@ -333,22 +360,22 @@ def export_failure_cases(dm: Any, split: str, df: pd.DataFrame, folder: Path, k:
     for name, sub in picks.items():
         (folder / name).mkdir(exist_ok=True)
         for rank, (i, row) in enumerate(sub.iterrows()):
-            img = (_image(dm, split, i) * 255).astype(np.uint8)
-            fname = f"{rank:02d}_{row['id']}.png"
+            img = (dm.raw_image(split, int(i)) * 255).astype(np.uint8)
+            fname = f"{rank:02d}_{safe_filename(str(row['id']))}.png"
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / name / fname)
             index.append({"kind": name, "file": f"{name}/{fname}", "id": row["id"], "path": row["path"],
                           "label": int(row["label"]), "pred": int(row["pred"]), "confidence": float(row["confidence"]),
                           "entropy": float(row["entropy"]), "mutual_information": float(row["mutual_information"]),
                           **({"explanation_stability": float(row["explanation_stability"])}
                              if "explanation_stability" in row else {})})
-    pd.DataFrame(index).to_csv(folder / "index.csv", index=False)
+    write_csv(folder / "index.csv", pd.DataFrame(index, columns=None if index else ["kind", "file", "id"]))
     return {name: len(sub) for name, sub in picks.items()}
 
 
-def _figures(dm, split, methods, temps, labels, probs, uncal, cls, unc, correct, df, fig_dir: Path, c) -> list[str]:
-    paths = [figures.plot_reliability(uncal["reliability"], fig_dir / "reliability_uncalibrated.png", uncal["ece"],
-                                      what="images, top-label, before TS"),
-             figures.plot_reliability(cls["reliability"], fig_dir / "reliability.png", cls["ece"],
+def _figures(dm, split, methods, temps, labels, probs, uncal, cls, unc, correct, df, fig_dir: Path) -> list[Path]:
+    paths = [figures.plot_reliability(uncal["reliability"], fig_dir / "reliability_uncalibrated.png",
+                                      uncal["ece_top_label"], what="images, top-label, before TS"),
+             figures.plot_reliability(cls["reliability"], fig_dir / "reliability.png", cls["ece_top_label"],
                                       what="images, top-label, as reported")]
     curves = {}
     for name, s in methods.items():
@@ -365,6 +392,32 @@ def _figures(dm, split, methods, temps, labels, probs, uncal, cls, unc, correct,
     for q in QUADRANTS:
         sub = df[df["quadrant"] == q].head(5)
         groups[f"{q} ({int((df['quadrant'] == q).sum())})"] = [
-            (_image(dm, split, i), f"y={int(r['label'])} p={r['confidence']:.2f}") for i, r in sub.iterrows()]
+            (dm.raw_image(split, int(i)), f"y={int(r['label'])} pred={int(r['pred'])} p={r['confidence']:.2f}")
+            for i, r in sub.iterrows()]
     paths.append(figures.plot_image_grid(groups, fig_dir / "trust_quadrants.png", "trust quadrants (examples)"))
-    return [str(p) for p in paths]
+    return [Path(p) for p in paths]
+
+
+def compare_classifiers(runs: Sequence[Any], datamodule: Any, split: str, out_dir: Path, cfg: Any = None) -> list[dict[str, Any]]:
+    """Classifier runs on the same images: each with its own primary uncertainty method and the
+    temperature it fitted (calibration.json): AUROC, accuracy, ECEs, Brier, NLL, AURC, plus their
+    risk-coverage curves in one figure."""
+    c = evaluation_config("classification", cfg)
+    rows, curves = [], {}
+    for r in runs:
+        cal = r.fitted or {}
+        coll = collect(r.task, datamodule, split, int(c.mc_seed))
+        if coll["labels"] is None:
+            raise ValueError(f"comparing classifiers needs labelled images in split {split!r}")
+        methods = method_logits(r.task, coll)
+        primary = cal.get("primary_method") or primary_method(methods, str(c.uncertainty_method))
+        t = float(cal.get("temperatures", {}).get(primary, 1.0))
+        probs = probs_of(methods[primary], t)
+        m = compute_classification_metrics(probs, coll["labels"], int(c.calibration_bins))
+        rows.append({"run": r.label, "run_dir": str(r.run_dir), "method": primary, "temperature": t,
+                     "temperature_fitted_on": cal.get("fitted_on"), **_scalars(m)})
+        conf, pred = probs.max(1)
+        cov, risk = risk_coverage(conf, pred == coll["labels"])
+        curves[r.label] = (cov.numpy(), risk.numpy())
+    figures.plot_risk_coverage(curves, Path(out_dir) / "figures" / "comparison" / "risk_coverage.png")
+    return rows

@@ -1,6 +1,12 @@
 """Evaluate a segmentation model on one split: metrics JSON, per-image table, threshold analysis,
 calibration and figures. Used at the end of ``train.py`` and by ``evaluate.py`` so both write the
-same numbers the same way."""
+same numbers the same way.
+
+What is fitted where: the weights on train, the checkpoint on val, and (post-fit) the best-Dice
+probability threshold on ``evaluation.threshold_split`` (the carved calibration split when there is
+one, else val). Each split reports Dice at the model's threshold and at that fitted threshold, and
+marks as in-sample what was chosen on the split it is reported on.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -10,37 +16,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve
 
-from medtrust.metrics.calibration import BinaryCalibrationMetric
+from medtrust.evaluation.config import evaluation_config, fit_split, plain, to_plain
+from medtrust.metrics.calibration import BinaryCalibrationMetric, calibration_bins, ece_from_bins
 from medtrust.metrics.segmentation import (
     METRIC_NAMES,
+    binned_pr_curve,
     compute_confusion,
     compute_segmentation_metrics,
     per_image_scores,
     threshold_sweep,
 )
-from medtrust.metrics.subgroups import (
-    SUBGROUP_DEFAULTS,
-    attribute_frame,
-    segmentation_subgroups,
-    write_subgroup_csvs,
-)
+from medtrust.metrics.stats import bootstrap_ci, bootstrap_mean_ci
+from medtrust.metrics.subgroups import attribute_frame, segmentation_subgroups, write_subgroup_csvs
 from medtrust.report import figures
-from medtrust.utils.io import write_json
+from medtrust.tasks.base import EvalResult
+from medtrust.utils.io import read_json, write_csv, write_json
 from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-DEFAULTS: dict[str, Any] = {
-    "thresholds": [round(0.05 * i, 2) for i in range(1, 20)],
-    "calibration_bins": 15,
-    "pr_thresholds": 101,
-    "n_overlays": 6,
-    "batch_size_abc": 6,
-    "figures": True,
-    "subgroups": SUBGROUP_DEFAULTS,   # per-group Dice / recall and gaps (see medtrust.metrics.subgroups)
-}
+THRESHOLD_FILE = "threshold.json"
 
 
 @torch.inference_mode()
@@ -81,49 +76,73 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
-def evaluate_segmentation(
-    task: torch.nn.Module,
-    datamodule: Any,
-    split: str,
-    out_dir: str | Path,
-    cfg: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+def fit_threshold(task: torch.nn.Module, datamodule: Any, run_dir: str | Path, cfg: Any = None) -> dict[str, Any]:
+    """Post-fit: the best-Dice probability threshold of the sweep on the threshold split; written to
+    ``threshold.json``. It is reported next to (never instead of) the model's own threshold."""
+    c = evaluation_config("segmentation", cfg)
+    split = fit_split(datamodule, str(c.threshold_split), "evaluation.threshold_split")
+    pred = predict_split(task, datamodule, split)
+    sweep = threshold_sweep(pred["prob"], pred["mask"], list(c.thresholds))
+    best = max(sweep, key=lambda r: r["dice"])
+    out = {"fitted_on": split, "n_images": len(pred["records"]), "threshold": best["threshold"],
+           "dice_on_fitted_split": best["dice"], "model_threshold": float(task.threshold)}
+    write_json(Path(run_dir) / THRESHOLD_FILE, out)
+    log.info(f"best-Dice threshold {best['threshold']} chosen on {split} ({out['n_images']} images)")
+    return out
+
+
+def load_threshold(run_dir: str | Path) -> dict[str, Any] | None:
+    p = Path(run_dir) / THRESHOLD_FILE
+    return read_json(p) if p.is_file() else None
+
+
+def _per_image_bins(probs: torch.Tensor, target: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """N×3×n_bins calibration bin sums per image (resampling images for the pixel-ECE CI)."""
+    return torch.stack([calibration_bins(probs[i], target[i], n_bins) for i in range(len(probs))])
+
+
+def evaluate_segmentation(task: torch.nn.Module, datamodule: Any, split: str, out_dir: str | Path,
+                          cfg: Any = None, extra: Mapping[str, Any] | None = None,
+                          fitted: Mapping[str, Any] | None = None) -> EvalResult:
     """Evaluate ``task`` on ``split`` of ``datamodule`` and write the results under ``out_dir``.
 
     Writes ``metrics/<split>.json``, ``metrics/<split>_per_image.csv``,
-    ``metrics/<split>_threshold_sweep.csv``, ``metrics/<split>_pr_curve.csv`` and figures in
-    ``figures/<split>/`` (overlays, batches A/B/C, confusion matrix, threshold sweep, PR curve,
-    reliability diagram).
+    ``metrics/<split>_threshold_sweep.csv``, ``metrics/<split>_pr_curve.csv``, subgroup CSVs and
+    figures in ``figures/<split>/`` (overlays, batches A/B/C, confusion matrix, threshold sweep, PR
+    curve, reliability diagram).
 
     Args:
         task: a segmentation task (``predict_step`` returning ``prob``; ``threshold`` attribute).
         datamodule: an :class:`~medtrust.data.datamodule.ImageDataModule`.
-        split: ``train``/``val``/``test``.
+        split: ``train``/``val``/``test``/``cal``.
         out_dir: the run (or evaluation) folder.
-        cfg: evaluation settings (see :data:`DEFAULTS`).
+        cfg: evaluation settings (``conf/evaluation/segmentation.yaml``).
         extra: more fields for the JSON (e.g. checkpoint path).
-
-    Returns:
-        The metrics dict written to ``metrics/<split>.json``.
+        fitted: what post-fit chose (``threshold.json``), reported alongside.
     """
-    c = {**DEFAULTS, **dict(cfg or {})}
+    c = evaluation_config("segmentation", cfg)
     out_dir = Path(out_dir)
     pred = predict_split(task, datamodule, split)
     probs, target, recs = pred["prob"], pred["mask"], pred["records"]
     thr = float(task.threshold)
+    n_bins, n_boot = int(c.calibration_bins), int(c.bootstrap)
 
     confusion = compute_confusion(probs, target, thr)
     seg = compute_segmentation_metrics(confusion)
     per = {k: v.numpy() for k, v in per_image_scores(confusion).items()}
-    cal_metric = BinaryCalibrationMetric(int(c["calibration_bins"]))
+    cal_metric = BinaryCalibrationMetric(n_bins)
     cal_metric.update(probs, target)
-    cal = {**cal_metric.compute(), "n_bins": int(c["calibration_bins"]), "reliability": cal_metric.reliability()}
-    sweep = threshold_sweep(probs, target, c["thresholds"])
+    raw_cal = cal_metric.compute()
+    cal = {"ece_positive": raw_cal["ece"], "mce_positive": raw_cal["mce"], "brier": raw_cal["brier"],
+           "n_bins": n_bins, "reliability": cal_metric.reliability()}
+    ci: dict[str, Any] = {}
+    if n_boot > 0 and len(recs) > 1:
+        ci["dice"] = bootstrap_mean_ci(per["dice"], n_boot=n_boot)
+        bins = _per_image_bins(probs, target, n_bins)
+        ci["ece_positive"] = bootstrap_ci(lambda b: ece_from_bins(b.sum(0))["ece"], bins, n_boot=n_boot)
+    sweep = threshold_sweep(probs, target, list(c.thresholds))
     best = max(sweep, key=lambda r: r["dice"])
-    flat_p, flat_t = probs.reshape(-1), target.reshape(-1).long()
-    prec, rec, pr_thr = binary_precision_recall_curve(flat_p, flat_t, thresholds=int(c["pr_thresholds"]))
-    ap = float(binary_average_precision(flat_p, flat_t, thresholds=int(c["pr_thresholds"])))
+    pr = binned_pr_curve(probs, target, int(c.pr_thresholds))
 
     ent = binary_entropy(probs).flatten(1).mean(1).numpy()
     per_image = pd.DataFrame({
@@ -134,39 +153,55 @@ def evaluate_segmentation(
         "pred_fraction": (probs >= thr).float().flatten(1).mean(1).numpy(),
         "mean_pixel_entropy": ent,
     })
-    sub_cfg = {**SUBGROUP_DEFAULTS, **dict(c["subgroups"] or {})}
-    attrs = attribute_frame(recs, sub_cfg["attributes"])
+    sub_cfg = c.subgroups
+    attrs = attribute_frame(recs, to_plain(sub_cfg.attributes))
     attrs.columns = [a if a not in per_image.columns else f"attr_{a}" for a in attrs.columns]
     per_image = pd.concat([per_image, attrs], axis=1)
     mdir = out_dir / "metrics"
-    mdir.mkdir(parents=True, exist_ok=True)
-    per_image.to_csv(mdir / f"{split}_per_image.csv", index=False)
-    pd.DataFrame(sweep).to_csv(mdir / f"{split}_threshold_sweep.csv", index=False)
-    pd.DataFrame({"threshold": pr_thr.numpy(), "precision": prec[:-1].numpy(), "recall": rec[:-1].numpy()}).to_csv(
-        mdir / f"{split}_pr_curve.csv", index=False)
+    tables = {"per_image": mdir / f"{split}_per_image.csv", "threshold_sweep": mdir / f"{split}_threshold_sweep.csv",
+              "pr_curve": mdir / f"{split}_pr_curve.csv"}
+    write_csv(tables["per_image"], per_image)
+    write_csv(tables["threshold_sweep"], pd.DataFrame(sweep))
+    write_csv(tables["pr_curve"], pd.DataFrame({"threshold": pr["thresholds"].numpy(),
+                                                 "precision": pr["precision"][:-1].numpy(),
+                                                 "recall": pr["recall"][:-1].numpy()}))
 
-    result: dict[str, Any] = {
-        "split": split, "task": "segmentation", "threshold": thr, "n_images": len(recs),
-        "seg": seg, "cal": cal,
-        "threshold_analysis": {"best_dice_threshold": best["threshold"], "best_dice": best["dice"],
-                               "pixel_average_precision": ap},
-        "data": datamodule.summary(), **dict(extra or {}),
+    analysis: dict[str, Any] = {
+        "best_dice_threshold": best["threshold"], "best_dice": best["dice"],
+        "best_dice_in_sample": True,  # chosen on this split: optimistic for this split, by construction
+        "pixel_average_precision": float(pr["average_precision"]),
     }
-    if c["figures"]:
-        result["figures"] = _figures(datamodule, split, probs, target, recs, per, seg, cal, sweep, prec, rec, ap,
-                                     thr, out_dir / "figures" / split, c)
+    if fitted and fitted.get("threshold") is not None:
+        ft = float(fitted["threshold"])
+        analysis.update({"fitted_threshold": ft, "fitted_on": fitted.get("fitted_on"),
+                         "dice_at_fitted_threshold": compute_segmentation_metrics(compute_confusion(probs, target, ft))["dice"],
+                         "fitted_in_sample": fitted.get("fitted_on") == split})
+    result: dict[str, Any] = {
+        "split": split, "task": task.task_name, "metric_group": task.metric_group, "metric_groups": ["seg", "cal"],
+        "threshold": thr, "n_images": len(recs), "seg": seg, "cal": cal, "ci95": ci,
+        "threshold_analysis": analysis, "data": datamodule.summary(),
+        "trust_thresholds": plain(c.trust), **dict(extra or {}),
+    }
+    figs: list[Path] = []
+    if c.figures:
+        figs = _figures(datamodule, split, probs, target, recs, per, seg, cal, sweep, pr, thr, out_dir / "figures" / split, c)
+        result["figures"] = [str(p) for p in figs]
     if len(attrs.columns):
-        result["subgroups"] = segmentation_subgroups(per_image, list(attrs.columns), ("dice", "iou", "recall"),
-                                                     int(sub_cfg["min_group_size"]), int(sub_cfg["bootstrap"]))
-        write_subgroup_csvs(result["subgroups"], mdir, split)
+        result["subgroups"] = segmentation_subgroups(per_image, list(attrs.columns), tuple(sub_cfg.metrics),
+                                                     int(sub_cfg.min_group_size), int(sub_cfg.bootstrap))
+        for p in write_subgroup_csvs(result["subgroups"], mdir, split):
+            tables[Path(p).stem.removeprefix(f"{split}_")] = Path(p)
+    result["tables"] = {k: str(v) for k, v in tables.items()}
     write_json(mdir / f"{split}.json", result)
-    log.info(f"{split}: " + ", ".join(f"{k} {seg[k]:.4f}" for k in METRIC_NAMES) + f", ECE {cal['ece']:.4f}")
-    return result
+    log.info(f"{split}: " + ", ".join(f"{k} {seg[k]:.4f}" for k in METRIC_NAMES) + f", pixel ECE {cal['ece_positive']:.4f}")
+    return EvalResult(split, task.task_name, task.metric_group, result, tables, figs)
+
+
 
 
 def _figures(dm: Any, split: str, probs: torch.Tensor, target: torch.Tensor, recs: Sequence[dict], per: dict,
-             seg: dict, cal: dict, sweep: list, prec: torch.Tensor, rec: torch.Tensor, ap: float, thr: float,
-             fig_dir: Path, c: Mapping[str, Any]) -> list[str]:
+             seg: dict, cal: dict, sweep: list, pr: Mapping[str, Any], thr: float, fig_dir: Path,
+             c: Any) -> list[Path]:
     paths = []
     pred_np = (probs >= thr).float().numpy()[:, 0]
     gt_np = target.numpy()[:, 0]
@@ -176,10 +211,10 @@ def _figures(dm: Any, split: str, probs: torch.Tensor, target: torch.Tensor, rec
         titles = [f"{recs[int(i)]['id']}\nDice {per['dice'][int(i)]:.3f}" for i in ids]
         return ims, [gt_np[int(i)] for i in ids], [pred_np[int(i)] for i in ids], titles
 
-    n = min(int(c["n_overlays"]), len(recs))
+    n = min(int(c.n_overlays), len(recs))
     paths.append(figures.plot_overlay_grid(*sample(range(n)), fig_dir / "overlays.png",
                                            suptitle=f"{split}: first {n} images"))
-    for name, ids in pick_batches(per["dice"], int(c["batch_size_abc"])).items():
+    for name, ids in pick_batches(per["dice"], int(c.batch_size_abc)).items():
         ims, gts, preds, titles = sample(ids)
         label = {"a_average": "A (average Dice)", "b_best": "B (best Dice)", "c_worst": "C (worst Dice)"}[name]
         mean = float(np.mean(per["dice"][ids]))
@@ -187,6 +222,31 @@ def _figures(dm: Any, split: str, probs: torch.Tensor, target: torch.Tensor, rec
                                         f"{split} batch {label}: mean Dice {mean:.3f} (split mean {seg['dice']:.3f})"))
     paths.append(figures.plot_confusion(seg, fig_dir / "confusion_matrix.png", f"{split} pixel confusion matrix"))
     paths.append(figures.plot_threshold_sweep(sweep, fig_dir / "threshold_sweep.png", thr))
-    paths.append(figures.plot_pr_curve(prec.numpy(), rec.numpy(), fig_dir / "pr_curve.png", ap))
-    paths.append(figures.plot_reliability(cal["reliability"], fig_dir / "reliability.png", cal["ece"]))
-    return [str(p) for p in paths]
+    paths.append(figures.plot_pr_curve(pr["precision"].numpy(), pr["recall"].numpy(), fig_dir / "pr_curve.png",
+                                       float(pr["average_precision"])))
+    paths.append(figures.plot_reliability(cal["reliability"], fig_dir / "reliability.png", cal["ece_positive"],
+                                          what="pixels, positive class"))
+    return [Path(p) for p in paths]
+
+
+def compare_segmenters(runs: Sequence[Any], datamodule: Any, split: str, out_dir: Path, n_show: int = 6) -> list[dict[str, Any]]:
+    """Segmenter runs on the same images: the summary metrics of each (at its own threshold), and
+    a figure of the ``n_show`` images on which their per-image Dice differs most."""
+    rows, preds, dices = [], {}, {}
+    gt = None
+    for r in runs:
+        out = predict_split(r.task, datamodule, split)
+        conf = compute_confusion(out["prob"], out["mask"], r.task.threshold)
+        m = compute_segmentation_metrics(conf)
+        rows.append({"run": r.label, "run_dir": str(r.run_dir), **{k: m[k] for k in METRIC_NAMES}})
+        preds[r.label] = (out["prob"] >= r.task.threshold).float().numpy()[:, 0]
+        dices[r.label] = per_image_scores(conf)["dice"].numpy()
+        gt = out["mask"].numpy()[:, 0]
+    spread = np.stack(list(dices.values())).std(0)
+    ids = np.argsort(-spread, kind="stable")[: int(n_show)]
+    images = [datamodule.raw_image(split, int(i)) for i in ids]
+    figures.plot_comparison(images, [gt[i] for i in ids], {k: [v[i] for i in ids] for k, v in preds.items()},
+                            {k: [float(v[i]) for i in ids] for k, v in dices.items()},
+                            Path(out_dir) / "figures" / "comparison" / "comparison.png",
+                            suptitle=f"{split}: images where the runs' Dice differs most")
+    return rows

@@ -1,8 +1,14 @@
 """Classification, calibration and selective-prediction metrics on predicted probabilities.
 
-Discrimination (AUROC, PR-AUC, accuracy, F1) comes from torchmetrics. Calibration uses top-label
-confidence (Guo et al., 2017): ``ece`` with equal-width bins (equals torchmetrics'
-``MulticlassCalibrationError``; tested), ``ece_adaptive`` with equal-mass bins (Nixon et al., 2019).
+Discrimination (AUROC, PR-AUC, accuracy, F1) comes from torchmetrics. Two calibration errors, named
+apart because they measure different things:
+
+- ``ece_top_label``: confidence of the predicted class against accuracy (Guo et al., 2017),
+  equal-width bins (equals torchmetrics' ``MulticlassCalibrationError``; tested); and
+  ``ece_top_label_adaptive`` with equal-mass bins (Nixon et al., 2019). Defined for any C.
+- ``ece_positive`` (binary tasks only): the positive-class probability against the observed
+  frequency of positives (the reliability diagram of a risk score; what the calibration callback
+  logs as ``cal/ece_positive``).
 ``brier`` is the binary Brier score (p1 - y)^2 for two classes and the multi-class sum otherwise;
 ``nll`` the mean negative log-likelihood; ``aurc`` the area under the risk-coverage curve.
 """
@@ -74,11 +80,15 @@ def compute_classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_
         f1 = sum(f1s) / c
     bins = calibration_bins(conf, correct, n_bins)
     nll = float(-torch.log(probs[torch.arange(n), labels].clamp_min(1e-12)).mean())
-    return {
+    out = {
         "auroc": auroc, "accuracy": float(correct.double().mean()), "f1": f1, "pr_auc": ap,
-        "ece": ece_from_bins(bins)["ece"], "ece_adaptive": adaptive_ece(conf, correct, n_bins), "brier": brier,
-        "nll": nll, "aurc": aurc(conf, correct), "n_images": n, "reliability": reliability_from_bins(bins),
+        "ece_top_label": ece_from_bins(bins)["ece"], "ece_top_label_adaptive": adaptive_ece(conf, correct, n_bins),
+        "brier": brier, "nll": nll, "aurc": aurc(conf, correct), "n_images": n,
+        "reliability": reliability_from_bins(bins),
     }
+    if c == 2:
+        out["ece_positive"] = ece_from_bins(calibration_bins(probs[:, 1], labels, n_bins))["ece"]
+    return out
 
 
 def predictive_uncertainty(sample_probs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -253,7 +253,6 @@ def segmentation_subgroups(per_image: pd.DataFrame, attrs: Sequence[str], column
     return subgroup_report(per_image[list(attrs)], zeros, zeros, metrics, params, min_group_size, n_boot, seed)
 
 
-SUBGROUP_DEFAULTS: dict[str, Any] = {"attributes": "auto", "min_group_size": 10, "bootstrap": 200}
 
 
 def attribute_frame(records: Sequence[Mapping[str, Any]], wanted: Any = "auto") -> pd.DataFrame:

@@ -1,26 +1,37 @@
-"""One self-contained HTML trust report per run folder (images embedded as base64).
+"""One self-contained HTML trust report per run folder (images embedded as base64), rendered from
+Jinja2 templates with autoescape on, one template per section (``medtrust/report/templates/``).
 
 The report is built from what is on disk (``metrics/*.json``, ``figures/**.png``, ``splits/``,
-``config.yaml``), so it covers whatever the run produced and can be rebuilt at any time.
+``config.yaml``), so it covers whatever the run produced and can be rebuilt at any time. It opens
+with the trust summary (one line per trust axis, from ``task.trust_summary``), then the generic
+sections, then the task's own (``task.report_sections``: a task adds a section by adding a
+template), then subgroups, explanations, figures and the rest.
 """
 from __future__ import annotations
 
 import base64
-import html
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup, escape
 
 from medtrust.report.summary import scalar_metrics
+from medtrust.tasks.base import ReportSection
 from medtrust.utils.io import atomic_write_bytes
+from medtrust.utils.logging import get_logger
+
+log = get_logger(__name__)
+TEMPLATES = Path(__file__).parent / "templates"
 
 INTENDED_USE = (
-    "Research tool for studying the trustworthiness of medical-imaging models. It is <b>not a medical "
-    "device</b> and must not be used for diagnosis, treatment or any clinical decision. Results on phantom "
+    "Research tool for studying the trustworthiness of medical-imaging models. It is not a medical "
+    "device and must not be used for diagnosis, treatment or any clinical decision. Results on phantom "
     "(procedural) data show that the pipeline works and recovers known ground truth; they say nothing about "
     "clinical performance."
 )
@@ -34,31 +45,45 @@ td:first-child,th:first-child{text-align:left}.box{background:#fff6e0;border:1px
 border-radius:6px}.muted{color:#666;font-size:12px}figure{display:inline-block;margin:6px;vertical-align:top}
 figcaption{font-size:12px;color:#444}img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;
 padding:8px;font-size:11px;overflow:auto;max-height:400px}
+table.trust td{text-align:left}.v-meets{background:#e3f4e1}.v-fails{background:#fbe0de}
+.v-inconclusive,.v-in-sample{background:#fff3cd}.v-not-measured{color:#777}
 """
 
 
-def _img(path: Path, caption: str, width: int | None = None) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    size = f" width={width}" if width else ""
-    return (f'<figure><img alt="{html.escape(caption)}"{size} src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+# -- template helpers ------------------------------------------------------------------------
+def figure(path: Path | str, caption: str, width: int | None = None) -> Markup:
+    """An embedded PNG with its caption (the caption is escaped)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    size = f" width={int(width)}" if width else ""
+    return Markup(f'<figure><img alt="{escape(caption)}"{size} src="data:image/png;base64,{data}">'
+                  f"<figcaption>{escape(caption)}</figcaption></figure>")
 
 
-def _table(rows: list[Mapping[str, Any]], digits: int = 4) -> str:
-    if not rows:
-        return ""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return "" if value is None else str(value)
 
 
+def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def environment(search_path: Sequence[Path] = ()) -> Environment:
+    """Jinja2 environment: the given folders first (a task's own templates), then the package's."""
+    env = Environment(loader=ChoiceLoader([FileSystemLoader([str(p) for p in search_path]),
+                                           FileSystemLoader(str(TEMPLATES))]),
+                      autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(figure=figure, columns=columns)
+    env.filters["num"] = fmt
+    return env
+
+
+def render(section: ReportSection) -> Markup:
+    return Markup(environment(section.search_path).get_template(section.template).render(**section.context))
+
+
+# -- what the folder holds ----------------------------------------------------------------------
 def dataset_licence(location: str | None) -> str | None:
     """The licence line of the README next to a data set (``**Licence**: ...``), if there is one."""
     if not location:
@@ -73,16 +98,60 @@ def dataset_licence(location: str | None) -> str | None:
     return None
 
 
+def load_metrics(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every split's evaluation result in ``metrics/`` (files that declare ``metric_groups``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in sorted((run_dir / "metrics").glob("*.json")):
+        try:
+            m = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            log.warning(f"report: {p} is not valid JSON; left out")
+            continue
+        if isinstance(m, dict) and "split" in m and "metric_groups" in m:
+            out[p.stem] = m
+    return out
+
+
+def task_for_folder(run_dir: Path) -> type | None:
+    """The task class of a run folder, or of the run an evaluation / explanation folder came from."""
+    from medtrust.runs.builders import task_class
+
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    for cand in [run_dir, info.get("run_dir"), *(info.get("run_dirs") or []), *(info.get("ensemble_runs") or [])]:
+        if cand and (Path(cand) / ".hydra" / "config.yaml").is_file() and (Path(cand) / "run.json").is_file():
+            try:
+                return task_class(Path(cand))
+            except Exception as err:  # a report is still written without the task's own sections
+                log.warning(f"report: cannot resolve the task of {cand} ({err})")
+                return None
+    return None
+
+
 def _metric_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for split, m in metrics.items():
         row: dict[str, Any] = {"split": split, "n": m.get("n_images", "")}
         row.update(scalar_metrics(m))
+        if m.get("in_sample"):
+            row["in-sample"] = ", ".join(m["in_sample"])
         rows.append(row)
     return rows
 
 
-def _limitations(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _data_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows, seen = [], set()
+    for s, m in metrics.items():
+        d = m.get("data", {})
+        key = json.dumps(d, sort_keys=True, default=str)
+        if d and key not in seen:
+            seen.add(key)
+            rows.append({"evaluated split": s, "source": d.get("source"), "split method": d.get("split_method"),
+                         "split sizes": d.get("split_counts"),
+                         "licence": dataset_licence(d.get("location")) or "see data set README / phantom (generated)"})
+    return rows
+
+
+def limitations(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     out = []
     for split, m in metrics.items():
         data = m.get("data", {})
@@ -95,185 +164,120 @@ def _limitations(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
                        f"(one image moves a mean by about 1/{n}).")
         if data.get("skipped"):
             out.append(f"{split}: {data['skipped']} bad sample(s) were skipped (data.on_bad=skip).")
+        if m.get("in_sample"):
+            out.append(f"{split}: {', '.join(m['in_sample'])} are in-sample: what they depend on was fitted on these "
+                       "same images.")
         if data.get("image_size"):
             out.append(f"{split}: metrics are computed at the working resolution {data['image_size']} (H, W), "
                        "not at the original image resolution.")
     return list(dict.fromkeys(out))
 
 
-def _mean(d: Any) -> Any:
-    return d.get("mean") if isinstance(d, Mapping) else d
-
-
-def _explanation_sections(run_dir: Path) -> list[str]:
-    """Localisation / faithfulness / sanity / stability tables from ``metrics/explanations.json``."""
-    p = run_dir / "metrics" / "explanations.json"
-    if not p.exists():
-        return []
-    r = json.loads(p.read_text())
-    rows = []
-    for name in r.get("maps", []):
-        loc = r.get("localisation", {}).get(name, {})
-        fa = r.get("faithfulness", {}).get(name, {})
-        sa = r.get("sanity", {}).get(name, {})
-        rows.append({"map": name, **{k: _mean(loc.get(k)) for k in ("pointing_game", "relevance_mass", "topk_iou",
-                                                                      "heatmap_auroc")},
-                     "undefined (of n)": f"{(loc.get('pointing_game') or {}).get('n_undefined', '')} of "
-                                         f"{(loc.get('pointing_game') or {}).get('n', '')}" if loc else "",
-                     "deletion AUC": _mean(fa.get("deletion_auc")), "insertion AUC": _mean(fa.get("insertion_auc")),
-                     "sanity ρ": _mean(sa.get("spearman_abs")), "sanity passes": sa.get("passes", "")})
-    out = [f"<h2>Explanations ({r.get('n_images')} images, {html.escape(str(r.get('split')))} split, target "
-           f"{html.escape(json.dumps(r.get('target')))})</h2>" + _table(rows, 3)]
-    stab = [{"map": name, "perturbation": pert, **{k: _mean(v) for k, v in met.items()}}
-            for name, by in r.get("stability", {}).items() for pert, met in by.items()]
-    if stab:
-        out.append("<h3>Stability against the unperturbed map</h3>" + _table(stab, 3))
-    return out
-
-
-def _subgroup_sections(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Per split and attribute: groups x metrics, then the gaps with their bootstrap CIs."""
+def _subgroups(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for split, m in metrics.items():
         sub = m.get("subgroups")
         if not isinstance(sub, Mapping) or not sub.get("attributes"):
             continue
-        out.append(f"<h2>Subgroups ({html.escape(split)}): is the error spread evenly?</h2>"
-                   f"<p class=muted>Groups smaller than {sub.get('min_group_size')} images are listed but not in the "
-                   f"gaps. gap = highest − lowest group; 95 % CI = stratified bootstrap of that pair's signed "
-                   f"difference ({sub.get('bootstrap')} resamples; containing 0 = no evidence for that pair); "
-                   "permutation p = chance of a gap this large among groups that do not differ (accounts for "
-                   "picking the extreme pair). Prevalence gaps describe the data, not the model.</p>")
+        attrs = []
         for attr, a in sub["attributes"].items():
-            groups = [{"group": g, **vals} for g, vals in a.get("groups", {}).items()]
             gaps = []
-            for metric, gp in a.get("gaps", {}).items():
+            for metric, gp in (a.get("gaps") or {}).items():
                 ci = gp.get("ci95")
                 gaps.append({"metric": metric, "gap": gp.get("gap"), "95 % CI (highest − lowest)":
                              f"{ci[0]:.3f} – {ci[1]:.3f}" if ci and None not in ci else "",
-                             "permutation p": gp.get("p_value", ""), "ratio (min/max)": gp.get("ratio"),
+                             "permutation p": gp.get("p_value"), "ratio (min/max)": gp.get("ratio"),
                              "lowest": gp.get("lowest"), "highest": gp.get("highest")})
-            small = a.get("small_groups") or []
-            out.append(f"<h3>{html.escape(attr)}</h3>" + _table(groups, 3) + (_table(gaps, 3) if gaps else
-                       "<p class=muted>fewer than two groups large enough for a gap</p>")
-                       + (f"<p class=muted>small groups: {html.escape(', '.join(map(str, small)))}</p>" if small else ""))
+            attrs.append({"name": attr, "groups": [{"group": g, **v} for g, v in (a.get("groups") or {}).items()],
+                          "gaps": gaps, "small": ", ".join(map(str, a.get("small_groups") or []))})
+        out.append({"split": split, "min_group_size": sub.get("min_group_size"), "bootstrap": sub.get("bootstrap"),
+                    "attributes": attrs})
     return out
 
 
-def _failure_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: int = 8) -> list[str]:
-    """Classifier: the exported failure cases (most confident errors, most uncertain correct) as
-    thumbnails; segmenter: the worst images by Dice with their per-image scores and the worst batch."""
-    out = []
-    for split, m in metrics.items():
-        index = run_dir / "failure_cases" / split / "index.csv"
-        if index.exists():
-            df = pd.read_csv(index)
-            out.append(f"<h2>Failure cases ({html.escape(split)})</h2>")
-            for kind, sub in df.groupby("kind", sort=False):
-                figs = []
-                for _, r in sub.iterrows():
-                    img = index.parent / str(r["file"])
-                    if img.exists():
-                        figs.append(_img(img, f"{r['id']}: y={r['label']} pred={r['pred']} "
-                                              f"p={r['confidence']:.2f} H={r['entropy']:.2f}", width=128))
-                out.append(f"<h3>{html.escape(str(kind).replace('_', ' '))} ({len(sub)})</h3>" + "".join(figs))
-            continue
-        per = run_dir / "metrics" / f"{split}_per_image.csv"
-        if m.get("task") == "segmentation" and per.exists():
-            df = pd.read_csv(per).sort_values("dice", na_position="first").head(k)
-            cols = [c for c in df.columns if c not in ("path",)]
-            out.append(f"<h2>Failure cases ({html.escape(split)}): the {len(df)} lowest-Dice images</h2>"
-                       + _table(df[cols].to_dict("records"), 3))
-            worst = run_dir / "figures" / split / "batch_c_worst.png"
-            if worst.exists():
-                out.append(_img(worst, f"{split}: worst batch (image, ground truth, prediction)"))
-    return out
+def _mean(d: Any) -> Any:
+    return d.get("mean") if isinstance(d, Mapping) else d
 
 
-# Sections from what later tasks write (anomaly maps, generated samples, audits) register here:
-# each takes (run_dir, metrics by split) and returns HTML fragments; they go after the built-in ones.
-EXTRA_SECTIONS: list[Any] = []
+def _explanations(run_dir: Path) -> dict[str, Any] | None:
+    p = run_dir / "metrics" / "explanations.json"
+    if not p.exists():
+        return None
+    r = json.loads(p.read_text())
+    rows = []
+    for name in r.get("maps", []):
+        loc = (r.get("localisation") or {}).get(name, {})
+        fa = (r.get("faithfulness") or {}).get(name, {})
+        sa = (r.get("sanity") or {}).get(name, {})
+        pg = loc.get("pointing_game") or {}
+        rows.append({"map": name, **{k: _mean(loc.get(k)) for k in ("pointing_game", "relevance_mass", "topk_iou",
+                                                                      "heatmap_auroc")},
+                     "undefined (of n)": f"{pg.get('n_undefined', '')} of {pg.get('n', '')}" if loc else "",
+                     "deletion AUC": _mean(fa.get("deletion_auc")), "insertion AUC": _mean(fa.get("insertion_auc")),
+                     "sanity ρ": _mean(sa.get("spearman_abs")), "sanity passes": sa.get("passes", "")})
+    stab = [{"map": name, "perturbation": pert, **{k: _mean(v) for k, v in met.items()}}
+            for name, by in (r.get("stability") or {}).items() for pert, met in by.items()]
+    return {"split": r.get("split"), "n_images": r.get("n_images"), "target": json.dumps(r.get("target")),
+            "rows": rows, "stability": stab, "undefined": r.get("stability_undefined") or {}}
 
 
-def build_run_report(run_dir: str | Path, title: str | None = None) -> Path:
-    """Write ``<run_dir>/report/index.html`` from the folder's contents and return its path."""
+def _figures(run_dir: Path) -> list[dict[str, Any]]:
+    root = run_dir / "figures"
+    if not root.exists():
+        return []
+    return [{"folder": str(folder.relative_to(root)),
+             "images": [{"path": p, "caption": p.stem.replace("_", " ")} for p in sorted(folder.glob("*.png"))]}
+            for folder in sorted({p.parent for p in root.rglob("*.png")})]
+
+
+def build_run_report(run_dir: str | Path, task: Any = None, title: str | None = None) -> Path:
+    """Write ``<run_dir>/report/index.html`` from the folder's contents and return its path.
+
+    Args:
+        run_dir: a run, evaluation, explanation or comparison folder.
+        task: the task (class or instance) whose trust lines and sections the report shows; None =
+            resolved from the folder (its run's ``model._target_``, checked against the allow-list).
+        title: the page title.
+    """
     run_dir = Path(run_dir)
-    metrics: dict[str, dict[str, Any]] = {}
-    for p in sorted((run_dir / "metrics").glob("*.json")):
-        try:
-            m = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(m, dict) and "split" in m and any(g in m for g in ("seg", "cls")):
-            metrics[p.stem] = m
+    cls = (task if isinstance(task, type) else type(task)) if task is not None else task_for_folder(run_dir)
+    metrics = load_metrics(run_dir)
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    parts = [f"<h1>{html.escape(title or 'medtrust trust report')}</h1>",
-             f"<p class=muted>{html.escape(str(run_dir))}<br>created {html.escape(str(info.get('created', '')))}"
-             f" · git {html.escape(str(info.get('git_commit', '')))}<br>command: "
-             f"<code>{html.escape(str(info.get('command', '')))}</code></p>",
-             f"<div class=box><b>Intended use.</b> {INTENDED_USE}</div>"]
-
+    title = title or "medtrust trust report"
+    S = ReportSection
+    sections = [S("header.html.j2", {"title": title, "run_dir": str(run_dir), "info": info,
+                                     "intended_use": INTENDED_USE})]
+    lines = [asdict(x) for x in cls.trust_summary(run_dir, metrics)] if cls is not None else []
+    sections.append(S("trust_summary.html.j2", {"lines": lines, "task": getattr(cls, "task_name", None)}))
     if metrics:
-        parts.append("<h2>Metrics</h2>" + _table(_metric_rows(metrics)))
-        ta = [{"split": s, **m["threshold_analysis"]} for s, m in metrics.items() if m.get("threshold_analysis")]
-        if ta:
-            parts.append("<h3>Threshold analysis</h3>" + _table(ta))
-        data_rows, seen = [], set()
-        for s, m in metrics.items():
-            d = m.get("data", {})
-            key = json.dumps(d, sort_keys=True, default=str)
-            if d and key not in seen:
-                seen.add(key)
-                lic = dataset_licence(d.get("location"))
-                data_rows.append({"evaluated split": s, "source": d.get("source"), "split method": d.get("split_method"),
-                                  "split sizes": d.get("split_counts"), "licence": lic or "see data set README / phantom (generated)"})
-        parts.append("<h2>Data</h2>" + _table(data_rows))
-    quad = [{"split": sp, **m["quadrants"]["counts"], "confidence threshold": m["quadrants"].get("confidence_threshold")}
-            for sp, m in metrics.items() if isinstance(m.get("quadrants"), dict) and "counts" in m["quadrants"]]
-    if quad:
-        parts.append("<h2>Trust quadrants</h2>" + _table(quad))
-        for sp, m in metrics.items():
-            st = (m.get("quadrants") or {}).get("stability")
-            if st:
-                parts.append(f"<h3>{html.escape(sp)}: correct × confident × stable explanation "
-                             f"({html.escape(str(st.get('method')))}, threshold {st.get('threshold')})</h3>"
-                             + _table([{k: v for k, v in st["counts"].items() if v}]))
-    parts += _subgroup_sections(metrics)
-    parts += _explanation_sections(run_dir)
-    parts += _failure_sections(run_dir, metrics)
-    for section in EXTRA_SECTIONS:
-        parts += section(run_dir, metrics)
+        sections.append(S("metrics.html.j2", {"rows": _metric_rows(metrics), "data": _data_rows(metrics)}))
+    if cls is not None:
+        sections += cls.report_sections(run_dir, metrics)
+    subgroups = _subgroups(metrics)
+    if subgroups:
+        sections.append(S("subgroups.html.j2", {"splits": subgroups}))
+    expl = _explanations(run_dir)
+    if expl:
+        sections.append(S("explanations.html.j2", expl))
     splits_json = run_dir / "splits" / "splits.json"
     if splits_json.exists():
-        sj = json.loads(splits_json.read_text())
-        parts.append(f"<p class=muted>splits: method {html.escape(str(sj.get('method')))}, sha256 "
-                     f"<code>{html.escape(str(sj.get('sha256')))}</code>, counts {html.escape(json.dumps(sj.get('counts')))}</p>")
-
-    fig_root = run_dir / "figures"
-    if fig_root.exists():
-        parts.append("<h2>Figures</h2>")
-        for folder in sorted({p.parent for p in fig_root.rglob("*.png")}):
-            parts.append(f"<h3>{html.escape(str(folder.relative_to(fig_root)))}</h3>")
-            parts += [_img(p, p.stem.replace('_', ' ')) for p in sorted(folder.glob("*.png"))]
-
-    for name in ("comparison.csv",):
-        p = run_dir / name
-        if p.exists():
-            parts.append("<h2>Comparison</h2>" + _table(pd.read_csv(p).to_dict("records")))
-
+        sections.append(S("splits.html.j2", {"splits": json.loads(splits_json.read_text())}))
+    figs = _figures(run_dir)
+    if figs:
+        sections.append(S("figures.html.j2", {"folders": figs}))
+    if (run_dir / "comparison.csv").exists():
+        sections.append(S("comparison.html.j2", {"rows": pd.read_csv(run_dir / "comparison.csv").to_dict("records")}))
     lim_sources = dict(metrics)
     cmp_json = run_dir / "metrics" / "comparison.json"
     if cmp_json.exists():  # a comparison page: limitations of the data the runs were compared on
         c = json.loads(cmp_json.read_text())
         d = c.get("data", {})
         lim_sources["comparison"] = {"data": d, "n_images": (d.get("split_counts") or {}).get(c.get("split"), 0)}
-    lim = _limitations(lim_sources)
+    lim = limitations(lim_sources)
     if lim:
-        parts.append("<h2>Known limitations</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lim) + "</ul>")
-    cfg = run_dir / "config.yaml"
-    if cfg.exists():
-        parts.append(f"<h2>Configuration</h2><details><summary>resolved config</summary><pre>"
-                     f"{html.escape(cfg.read_text())}</pre></details>")
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title or 'medtrust report')}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+        sections.append(S("limitations.html.j2", {"items": lim}))
+    if (run_dir / "config.yaml").exists():
+        sections.append(S("config.html.j2", {"text": (run_dir / "config.yaml").read_text()}))
+    body = [render(s) for s in sections]
+    page = environment().get_template("page.html.j2").render(title=title, css=Markup(CSS), sections=body)
     return atomic_write_bytes(run_dir / "report" / "index.html", page.encode())

@@ -4,15 +4,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-GROUPS = ("seg", "cls", "cal")
 COUNTS = ("tp", "fp", "tn", "fn", "n_images", "n_bins")
 
 
 def scalar_metrics(result: Mapping[str, Any], include_counts: bool = False) -> dict[str, float]:
-    """``{"seg/dice": 0.9, "cal/ece": 0.03, ...}`` from a result's metric groups (lists and nested
-    values such as reliability bins are left out; pixel counts only with ``include_counts``)."""
+    """``{"seg/dice": 0.9, "cal/ece_positive": 0.03, ...}`` from the metric groups the result
+    declares (``result["metric_groups"]``, written by every task's evaluation). Lists and nested
+    values such as reliability bins are left out; pixel counts only with ``include_counts``."""
     out = {}
-    for group in GROUPS:
+    for group in result.get("metric_groups") or ():
         for k, v in (result.get(group) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and (include_counts or k not in COUNTS):
                 out[f"{group}/{k}"] = float(v)

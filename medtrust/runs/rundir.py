@@ -150,9 +150,3 @@ def load_weights(module: torch.nn.Module, ckpt_path: str | Path) -> None:
     """Load a checkpoint's ``state_dict`` into ``module`` strictly, with ``weights_only=True``."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     module.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt, strict=True)
-
-
-def load_run_calibration(run_dir: str | Path) -> dict[str, Any] | None:
-    """What the run fitted on validation after training (``calibration.json``), if anything."""
-    p = Path(run_dir) / "calibration.json"
-    return json.loads(p.read_text()) if p.exists() else None

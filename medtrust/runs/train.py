@@ -3,7 +3,6 @@ val and test, write the run folder and its report."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 import warnings
@@ -19,53 +18,23 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from medtrust.callbacks.checkpoint_io import AtomicCheckpointIO
-from medtrust.callbacks.explanations import explanation_callbacks
+from medtrust.callbacks.explanations import explanation_callbacks, selected_checkpoint
 from medtrust.report.figures import plot_curves
 from medtrust.report.html import build_run_report
-from medtrust.report.summary import scalar_metrics
+from medtrust.runs.builders import build_task, instantiate_list, setup_runtime
 from medtrust.runs.resume import SigtermWatch, check_resume_config, record_resume, resume_checkpoint
-from medtrust.runs.rundir import RunDirError, claim_run_dir, load_weights, update_run_json
+from medtrust.runs.rundir import RunDirError, claim_run_dir, command_policy, load_weights, update_run_json
+from medtrust.runs.security import check_targets
+from medtrust.tasks.base import EvalResult
 from medtrust.utils.io import atomic_write_bytes, write_json
 from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
-def instantiate_list(node: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a dict-of-configs node that has a ``_target_`` (None/empty -> [])."""
-    if not node:
-        return []
-    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
-
-
-def setup_runtime(cfg: DictConfig) -> None:
-    """Seed everything and set torch threads (same config + seed -> same metrics on one machine).
-
-    Lightning's own console handlers are removed so its messages reach Hydra's root handlers
-    (console and the run's log file) once instead of twice.
-    """
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        lg = logging.getLogger(name)
-        for h in list(lg.handlers):
-            lg.removeHandler(h)
-        lg.propagate = True
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-
-
-def build_task(cfg: DictConfig, **overrides: Any) -> L.LightningModule:
-    """Instantiate the task (``cfg.model``) with its loss (``cfg.loss``).
-
-    ``_convert_="all"`` hands plain lists/dicts to constructors, so saved hyperparameters hold no
-    OmegaConf objects and checkpoints load with ``weights_only=True``.
-    """
-    loss = instantiate(cfg.loss, _convert_="all") if cfg.get("loss") else None
-    return instantiate(cfg.model, loss=loss, _convert_="all", **overrides)
-
-
-def training_curves(run_dir: Path) -> Path | None:
-    """Plot epoch-level curves from the CSV logger, if it ran."""
+def training_curves(run_dir: Path, monitor: str | None = None) -> Path | None:
+    """Plot epoch-level curves from the CSV logger, if it ran: the losses, the monitored metric,
+    its training counterpart and every logged calibration error."""
     csvs = sorted(run_dir.glob("csv/**/metrics.csv"), key=lambda p: p.stat().st_mtime)  # + resumed parts
     if not csvs:
         return None
@@ -73,7 +42,11 @@ def training_curves(run_dir: Path) -> Path | None:
     if "epoch" not in df:
         return None
     series = {}
-    for col in ("train/loss_epoch", "val/loss", "val/seg/dice", "train/seg/dice", "val/cal/ece"):
+    wanted = ["train/loss_epoch", "val/loss"]
+    if monitor:
+        wanted += [monitor, monitor.replace("val/", "train/", 1)]
+    wanted += sorted(c for c in df.columns if c.startswith("val/cal/ece"))
+    for col in dict.fromkeys(wanted):
         if col in df:
             d = df[["epoch", col]].dropna().groupby("epoch")[col].last()
             series[col] = list(zip(d.index.tolist(), d.tolist()))
@@ -97,6 +70,8 @@ def train(cfg: DictConfig) -> float | None:
                       writer=False)
     resume = None
     if cfg.get("resume") and cfg.resume.get("enabled"):
+        # the resumed config is composed from the run folder's own overrides: check what it would instantiate
+        check_targets(cfg, f"{run_dir}/.hydra/overrides.yaml (resume)", command_policy())
         diffs = check_resume_config(cfg, run_dir)
         ckpt = resume_checkpoint(run_dir)
         resume = {"checkpoint": ckpt, "index": record_resume(run_dir, ckpt, diffs) + 1}
@@ -212,7 +187,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
         warnings.filterwarnings("ignore", message=r".*fit\(ckpt_path=None\)` was called without a model")
         warnings.filterwarnings("ignore", message=r'.*fit\(ckpt_path="last"\) is set, but there is no last checkpoint')
         try:
-            trainer.fit(task, datamodule=dm, ckpt_path=str(resume["checkpoint"]) if resume else None)
+            # a full training checkpoint (optimizer, scheduler, callback states) also loads with
+            # weights_only=True: nothing in a run folder can run code on resume
+            trainer.fit(task, datamodule=dm, ckpt_path=str(resume["checkpoint"]) if resume else None,
+                        weights_only=True)
         finally:
             _SIGTERM.fitting = False
     fit_seconds = time.perf_counter() - t0
@@ -225,23 +203,29 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
     ckpt = _best_checkpoint(trainer, run_dir)
     if ckpt is not None:
         load_weights(task, ckpt)
-    results: dict[str, Any] = {}
+    results: dict[str, EvalResult] = {}
     if trainer.is_global_zero:
         extra = {"checkpoint": str(ckpt) if ckpt else None, "fit_seconds": round(fit_seconds, 1),
-                 "epochs": int(trainer.current_epoch), "seed": int(cfg.seed)}
-        calibration = task.post_fit(dm, run_dir, cfg.get("evaluation"))  # e.g. temperature on val
+                 "epochs": int(trainer.current_epoch), "seed": int(cfg.seed),
+                 "checkpoint_chosen_on": "val"}
+        fitted = task.post_fit(dm, run_dir, cfg.get("evaluation"))  # e.g. temperature on the calibration split
         splits = ["val"] + (["test"] if cfg.get("test", True) and dm.has_split("test") else [])
         for split in splits:
-            results[split] = task.evaluate_split(dm, split, run_dir, cfg.get("evaluation"), extra, calibration)
+            results[split] = task.evaluate_split(dm, split, run_dir, cfg.get("evaluation"), extra, fitted)
         _log_final(loggers, results, run_dir, cfg)
-        training_curves(run_dir)
-        report = build_run_report(run_dir, title=f"medtrust {cfg.task_name} run")
+        training_curves(run_dir, str(cfg.model.get("monitor") or ""))
+        report = build_run_report(run_dir, task=type(task), title=f"medtrust {task.task_name} run")
         log.info(f"run folder: {run_dir}  report: {report}")
     _finish_wandb(loggers)
     return _metric_value(cfg, results)
 
 
 def _best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path | None:
+    """The checkpoint that is evaluated: the explanation callback's selection when it selects
+    (``xai.callback.select``), else ModelCheckpoint's best, else ``last.ckpt``."""
+    chosen = selected_checkpoint(trainer)
+    if chosen is not None:
+        return Path(chosen)
     cb = trainer.checkpoint_callback
     best = getattr(cb, "best_model_path", "") if cb else ""
     if best and Path(best).is_file():
@@ -250,33 +234,33 @@ def _best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def _log_final(loggers: list[Any], results: dict[str, Any], run_dir: Path | None = None,
+def _log_final(loggers: list[Any], results: dict[str, EvalResult], run_dir: Path | None = None,
                cfg: DictConfig | None = None) -> None:
     flat = {}
     for split, res in results.items():
-        flat.update({f"final/{split}/{k}": v for k, v in scalar_metrics(res, include_counts=True).items()})
+        flat.update({f"final/{split}/{k}": v for k, v in res.scalars(include_counts=True).items()})
     for lg in loggers:
         lg.log_metrics(flat)
         if run_dir is not None and type(lg).__name__ == "WandbLogger":
-            _log_wandb_artifacts(lg, run_dir, cfg)
+            _log_wandb_artifacts(lg, run_dir, results, cfg)
         lg.save()
 
 
 WANDB_TABLE_MAX_ROWS = 5000
 
 
-def _log_wandb_artifacts(lg: Any, run_dir: Path, cfg: DictConfig | None) -> None:
-    """Figures as W&B images and per-image CSVs as W&B tables (plus the full resolved config)."""
+def _log_wandb_artifacts(lg: Any, run_dir: Path, results: dict[str, EvalResult], cfg: DictConfig | None) -> None:
+    """Figures as W&B images and every table of the evaluation results as a W&B table (plus the
+    full resolved config)."""
     if cfg is not None:
         lg.experiment.config.update({"medtrust": OmegaConf.to_container(cfg, resolve=True)}, allow_val_change=True)
     for png in sorted((run_dir / "figures").rglob("*.png")):
         lg.log_image(key=f"figures/{png.relative_to(run_dir / 'figures').with_suffix('').as_posix()}", images=[str(png)])
-    tables = sorted((run_dir / "metrics").glob("*_per_image.csv")) + sorted(run_dir.glob("*_predictions.csv")) \
-        + sorted((run_dir / "metrics").glob("*subgroup*.csv"))
-    for csv in tables:
-        df = pd.read_csv(csv)
-        if len(df) <= WANDB_TABLE_MAX_ROWS:
-            lg.log_table(key=f"tables/{csv.stem}", dataframe=df)
+    for res in results.values():
+        for csv in res.tables.values():
+            df = pd.read_csv(csv)
+            if len(df) <= WANDB_TABLE_MAX_ROWS:
+                lg.log_table(key=f"tables/{Path(csv).stem}", dataframe=df)
 
 
 def _finish_wandb(loggers: list[Any]) -> None:
@@ -286,7 +270,7 @@ def _finish_wandb(loggers: list[Any]) -> None:
             lg.experiment.finish()
 
 
-def _metric_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:
+def _metric_value(cfg: DictConfig, results: dict[str, EvalResult]) -> float | None:
     """Look up e.g. ``val/seg/dice`` in the evaluation results."""
     name = cfg.get("optimized_metric")
     if not name:
@@ -294,5 +278,4 @@ def _metric_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:
     parts = str(name).split("/")
     if len(parts) != 3 or parts[0] not in results:
         return None
-    value = (results[parts[0]].get(parts[1]) or {}).get(parts[2])
-    return float(value) if value is not None else None
+    return results[parts[0]].value(parts[1], parts[2])

@@ -2,16 +2,16 @@
 head, MC dropout, deep ensembles, temperature scaling fitted on validation."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 from torchmetrics import CatMetric
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
-from medtrust.tasks.base import TaskBase, load_init_weights
+from medtrust.tasks.base import EvalResult, ReportSection, RunModel, TaskBase, TrustLine, load_init_weights
 
 MC_SCOPES = ("head", "all")
 
@@ -19,8 +19,9 @@ MC_SCOPES = ("head", "all")
 class ClassificationTask(TaskBase):
     """LightningModule for image classification with uncertainty.
 
-    Logs ``train/loss``, ``val/loss``, ``val/cls/{auroc,accuracy}``; ``validation_step`` returns
-    ``{"prob", "target"}`` (positive-class probability for binary tasks) for the calibration callback.
+    Logs ``train/loss``, ``val/loss``, ``val/cls/{auroc,accuracy,f1,pr_auc,ece_top_label,...}``.
+    ``validation_step`` returns, for the calibration callback, ``{"confidence", "correct"}`` (top-label,
+    any number of classes) and, for two classes, ``{"prob", "target"}`` (positive-class probability).
 
     Args:
         net: :class:`~medtrust.nets.classifier.TimmClassifier` or
@@ -36,7 +37,10 @@ class ClassificationTask(TaskBase):
         channels_last: channels-last memory format.
     """
 
-    task_name = "classification"
+    task_name: ClassVar[str] = "classification"
+    metric_group: ClassVar[str] = "cls"
+    evaluation_config: ClassVar[str] = "classification"
+    xai_target_kinds: ClassVar[tuple[str, ...]] = ("class_logit", "class_prob")
 
     def __init__(
         self,
@@ -168,8 +172,11 @@ class ClassificationTask(TaskBase):
         if stage == "val":
             self.val_probs.update(prob.detach().float())
             self.val_labels.update(y)
-        self.log(f"{stage}/cls/accuracy", (prob.argmax(-1) == y).float().mean(), on_epoch=True, batch_size=len(y))
-        out = {"prob": prob[:, 1], "target": y.float()} if self.num_classes == 2 else {"prob_all": prob}
+        conf, pred = prob.max(-1)
+        self.log(f"{stage}/cls/accuracy", (pred == y).float().mean(), on_epoch=True, batch_size=len(y))
+        out = {"confidence": conf.detach(), "correct": (pred == y).float()}
+        if self.num_classes == 2:
+            out.update({"prob": prob[:, 1].detach(), "target": y.float()})
         return out
 
     def on_validation_epoch_end(self) -> None:
@@ -180,7 +187,9 @@ class ClassificationTask(TaskBase):
         if self.val_labels.update_count:
             probs = self.val_probs.compute().reshape(-1, self.num_classes)
             m = compute_classification_metrics(probs.cpu(), self.val_labels.compute().long().cpu())
-            for k in ("f1", "pr_auc", "ece", "ece_adaptive", "brier", "nll", "aurc"):
+            for k in ("f1", "pr_auc", "ece_top_label", "ece_top_label_adaptive", "ece_positive", "brier", "nll", "aurc"):
+                if k not in m:
+                    continue
                 self.log(f"val/cls/{k}", float(m[k]))
         self.val_probs.reset()
         self.val_labels.reset()
@@ -197,23 +206,111 @@ class ClassificationTask(TaskBase):
             out["mc_logits"] = self.mc_logits(batch["image"])
         return out
 
-    def explain_target(self, logits: torch.Tensor, target_class: torch.Tensor | int | None = None) -> torch.Tensor:
-        """Class logit per image (the predicted class by default). Returns: B."""
-        if target_class is None:
-            target_class = logits.argmax(-1)
-        idx = torch.as_tensor(target_class, device=logits.device).expand(logits.shape[0])
-        return logits.gather(1, idx[:, None])[:, 0]
+    # -- the task contract ------------------------------------------------------------------
+    def fix_xai_target(self, images: torch.Tensor, spec: Mapping[str, Any], masks: torch.Tensor | None,
+                       labels: torch.Tensor | None) -> torch.Tensor:
+        """The explained class per image: ``spec["class"]`` = ``pred`` (predicted on the
+        unperturbed image), ``label`` or a class index. Returns B integers."""
+        which = spec.get("class", "pred")
+        if which == "label":
+            if labels is None:
+                raise ValueError("xai.target.class=label but the images have no labels")
+            return labels.long()
+        if which == "pred":
+            with torch.no_grad():
+                return self(images).argmax(-1)
+        if not (isinstance(which, int) and not isinstance(which, bool) and 0 <= which < self.num_classes):
+            raise ValueError(f"xai.target.class must be pred, label or a class index in [0, {self.num_classes}), "
+                             f"got {which!r}")
+        return torch.full((images.shape[0],), which, dtype=torch.long)
 
-    # -- after training / evaluation -----------------------------------------------------------
-    def post_fit(self, datamodule: Any, run_dir: Path, cfg: Any = None) -> dict[str, Any]:
-        """Fit temperatures and the trust-quadrant confidence threshold on validation; write
-        ``calibration.json`` into the run folder."""
+    def explain_target(self, output: torch.Tensor, fixed: torch.Tensor | int | None = None,
+                       kind: str = "class_logit") -> torch.Tensor:
+        """Logit (``class_logit``) or softmax probability (``class_prob``) of the fixed class per
+        image (the predicted class when ``fixed`` is None). Returns: B."""
+        if kind == "class_prob":
+            output = torch.softmax(output, -1)
+        if fixed is None:
+            fixed = output.argmax(-1)
+        idx = torch.as_tensor(fixed, device=output.device).long().expand(output.shape[0])
+        return output.gather(1, idx[:, None])[:, 0]
+
+    def explain_outcome(self, images: torch.Tensor, fixed: torch.Tensor | None, masks: torch.Tensor | None,
+                        labels: torch.Tensor | None, evaluation: Any = None) -> dict[str, Any] | None:
+        """Uncertainty = predictive entropy of the MC-dropout (or ensemble) distribution; correct =
+        the predicted class equals the label."""
+        from medtrust.metrics.classification import predictive_uncertainty
+
+        if labels is None:
+            return None
+        with torch.no_grad():
+            out = self.predict_step({"image": images})
+        logits = out.get("mc_logits", out["member_logits"])
+        unc = predictive_uncertainty(torch.softmax(logits.double(), -1))
+        pred = unc["mean"].argmax(-1).cpu()
+        return {"uncertainty": unc["entropy"].float().cpu().numpy(), "correct": (pred == labels.cpu()).numpy()}
+
+    def explain_view(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+        """The grid's prediction panel is the predicted class's probability everywhere; captions name
+        the class (binary: the positive-class probability)."""
+        with torch.no_grad():
+            prob = torch.softmax(self(images), -1).cpu()
+        conf, pred = prob.max(-1)
+        shown = prob[:, 1] if self.num_classes == 2 else conf
+        caps = [(f"p(1)={prob[i, 1]:.2f}" if self.num_classes == 2 else f"class {int(pred[i])} p={conf[i]:.2f}")
+                + (f" y={int(labels[i])}" if labels is not None else "") for i in range(len(prob))]
+        h, w = images.shape[-2:]
+        return {"pred": shown[:, None, None].expand(-1, h, w).numpy(), "captions": caps, "pixel_prob": None}
+
+    def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any]:
+        """Fit temperatures and the trust-quadrant confidence threshold on the calibration split
+        (``cal``, carved from the training patients; val when there is none); ``calibration.json``."""
         from medtrust.evaluation.classification import fit_calibration
 
-        return fit_calibration(self, datamodule, run_dir, cfg)
+        return fit_calibration(self, datamodule, run_dir, evaluation)
 
-    def evaluate_split(self, datamodule: Any, split: str, out_dir: Any, cfg: Any = None,
-                       extra: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    @classmethod
+    def load_post_fit(cls, run_dir: Path) -> dict[str, Any] | None:
+        from medtrust.evaluation.classification import load_calibration
+
+        return load_calibration(run_dir)
+
+    def evaluate_split(self, datamodule: Any, split: str, out_dir: Path, evaluation: Any = None,
+                       extra: Mapping[str, Any] | None = None, fitted: Mapping[str, Any] | None = None) -> EvalResult:
         from medtrust.evaluation.classification import evaluate_classification
 
-        return evaluate_classification(self, datamodule, split, out_dir, cfg, extra, calibration)
+        return evaluate_classification(self, datamodule, split, out_dir, evaluation, extra, fitted)
+
+    @classmethod
+    def report_sections(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
+        from medtrust.report.classification import report_sections
+
+        return report_sections(run_dir, metrics)
+
+    @classmethod
+    def trust_summary(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[TrustLine]:
+        from medtrust.report.classification import trust_summary
+
+        return trust_summary(run_dir, metrics)
+
+    @classmethod
+    def compare(cls, runs: Sequence[RunModel], datamodule: Any, split: str, out_dir: Path,
+                evaluation: Any = None, n_show: int = 6) -> list[dict[str, Any]]:
+        from medtrust.evaluation.classification import compare_classifiers
+
+        return compare_classifiers(runs, datamodule, split, out_dir, evaluation)
+
+    @classmethod
+    def ensemble_of(cls, tasks: Sequence[Any]) -> ClassificationTask:
+        """A deep ensemble of classifier runs: the first task's module with every run's network as a
+        member (its own MC dropout off: the members are the samples)."""
+        from medtrust.nets.classifier import RunEnsemble
+
+        if not all(isinstance(t, ClassificationTask) for t in tasks):
+            raise ValueError("ensemble_runs must all be classification runs")
+        if len({t.num_classes for t in tasks}) > 1:
+            raise ValueError(f"ensemble_runs differ in their number of classes: {[t.num_classes for t in tasks]}")
+        head = tasks[0]
+        head.net = RunEnsemble([t.net for t in tasks])
+        head.mc_samples = 0
+        return head

@@ -1,14 +1,15 @@
 """Binary segmentation task (GlassBox-XAI): Attention U-Net + Dice/Tversky/hybrid losses."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
-from medtrust.metrics.segmentation import SegmentationMetric
-from medtrust.tasks.base import TaskBase, load_init_weights
+from medtrust.metrics.segmentation import SegmentationMetric, compute_confusion, per_image_scores
+from medtrust.tasks.base import EvalResult, ReportSection, RunModel, TaskBase, TrustLine, load_init_weights
 
 
 class SegmentationTask(TaskBase):
@@ -34,7 +35,11 @@ class SegmentationTask(TaskBase):
             validation-time checkpoint selection use the plain forward pass.
     """
 
-    task_name = "segmentation"
+    task_name: ClassVar[str] = "segmentation"
+    metric_group: ClassVar[str] = "seg"
+    evaluation_config: ClassVar[str] = "segmentation"
+    xai_target_kinds: ClassVar[tuple[str, ...]] = ("region_logit", "region_prob")
+    has_pixel_probabilities: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -132,17 +137,90 @@ class SegmentationTask(TaskBase):
             logits = torch.logit(prob, eps=1e-6)
         return {"logits": logits, "prob": prob, "mask_pred": (prob >= self.threshold).float()}
 
-    def explain_target(self, logits: torch.Tensor, region: torch.Tensor | None = None, use_sigmoid: bool = True) -> torch.Tensor:
-        """Scalar per image for attribution: sum of sigmoid (or logits) over ``region``, by default
-        the predicted mask. Args: logits B×1×H×W; region B×1×H×W or None. Returns: B."""
-        out = torch.sigmoid(logits) if use_sigmoid else logits
-        if region is None:
-            region = (torch.sigmoid(logits) >= self.threshold).float().detach()
+    # -- the task contract ------------------------------------------------------------------
+    def fix_xai_target(self, images: torch.Tensor, spec: Mapping[str, Any], masks: torch.Tensor | None,
+                       labels: torch.Tensor | None) -> torch.Tensor:
+        """The region the target sums over: ``spec["region"]`` = ``pred`` (the prediction on the
+        unperturbed image; an empty prediction falls back to the whole image so the target is never
+        identically zero) or ``mask`` (the ground truth). Returns B×1×H×W."""
+        where = str(spec.get("region", "pred"))
+        if where == "mask":
+            if masks is None:
+                raise ValueError("xai.target.region=mask but the images have no ground-truth masks")
+            return masks.float()
+        if where != "pred":
+            raise ValueError(f"xai.target.region must be pred or mask, got {where!r}")
+        with torch.no_grad():
+            mask = self.predict_step({"image": images})["mask_pred"].float()
+        mask[mask.flatten(1).sum(1) == 0] = 1.0
+        return mask
+
+    def explain_target(self, output: torch.Tensor, fixed: torch.Tensor | None, kind: str = "region_prob") -> torch.Tensor:
+        """Sum of sigmoid (``region_prob``: the decision) or of logits (``region_logit``: the
+        sensitivity GlassBox shows) over the fixed region (default: each input's own prediction).
+        Args: output B×1×H×W logits; fixed B×1×H×W or None. Returns: B."""
+        out = torch.sigmoid(output) if kind == "region_prob" else output
+        region = fixed if fixed is not None else (torch.sigmoid(output) >= self.threshold).float().detach()
         return (out * region).flatten(1).sum(1)
 
-    def evaluate_split(self, datamodule: Any, split: str, out_dir: Any, cfg: Any = None,
-                       extra: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    def explain_outcome(self, images: torch.Tensor, fixed: torch.Tensor | None, masks: torch.Tensor | None,
+                        labels: torch.Tensor | None, evaluation: Any = None) -> dict[str, Any] | None:
+        """Uncertainty = mean pixel entropy inside the explained region; correct = per-image Dice
+        >= ``evaluation.explanation_correct_dice``."""
+        if masks is None:
+            return None
+        from medtrust.evaluation.config import evaluation_config
+
+        c = evaluation_config(self.evaluation_config, evaluation)
+        with torch.no_grad():
+            p = torch.sigmoid(self(images)).clamp(1e-6, 1 - 1e-6)
+        ent = -(p * p.log() + (1 - p) * (1 - p).log())
+        pred = (p >= self.threshold).float()
+        region = fixed if fixed is not None else pred
+        unc = (ent * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
+        dice = per_image_scores(compute_confusion(p, masks.float(), self.threshold))["dice"]
+        return {"uncertainty": unc.cpu().numpy(), "correct": (dice >= float(c.explanation_correct_dice)).numpy(),
+                "dice": dice.numpy()}
+
+    def explain_view(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+        with torch.no_grad():
+            prob = torch.sigmoid(self(images))[:, 0].cpu()
+        return {"pred": (prob >= self.threshold).float().numpy(), "captions": None, "pixel_prob": prob.numpy()}
+
+    def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any]:
+        """Choose the best-Dice threshold on the calibration split (or val): ``threshold.json``."""
+        from medtrust.evaluation.segmentation import fit_threshold
+
+        return fit_threshold(self, datamodule, run_dir, evaluation)
+
+    @classmethod
+    def load_post_fit(cls, run_dir: Path) -> dict[str, Any] | None:
+        from medtrust.evaluation.segmentation import load_threshold
+
+        return load_threshold(run_dir)
+
+    def evaluate_split(self, datamodule: Any, split: str, out_dir: Path, evaluation: Any = None,
+                       extra: Mapping[str, Any] | None = None, fitted: Mapping[str, Any] | None = None) -> EvalResult:
         """Full evaluation of one split into ``out_dir`` (metrics JSON/CSV and figures)."""
         from medtrust.evaluation.segmentation import evaluate_segmentation
 
-        return evaluate_segmentation(self, datamodule, split, out_dir, cfg, extra)
+        return evaluate_segmentation(self, datamodule, split, out_dir, evaluation, extra, fitted)
+
+    @classmethod
+    def report_sections(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
+        from medtrust.report.segmentation import report_sections
+
+        return report_sections(run_dir, metrics)
+
+    @classmethod
+    def trust_summary(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[TrustLine]:
+        from medtrust.report.segmentation import trust_summary
+
+        return trust_summary(run_dir, metrics)
+
+    @classmethod
+    def compare(cls, runs: Sequence[RunModel], datamodule: Any, split: str, out_dir: Path,
+                evaluation: Any = None, n_show: int = 6) -> list[dict[str, Any]]:
+        from medtrust.evaluation.segmentation import compare_segmenters
+
+        return compare_segmenters(runs, datamodule, split, out_dir, n_show)

@@ -61,3 +61,8 @@ def read_json(path: str | Path) -> Any:
     """Read a JSON file."""
     with open(path) as fh:
         return json.load(fh)
+
+
+def write_csv(path: str | Path, frame: Any) -> Path:
+    """Atomically write a pandas DataFrame as CSV (no index)."""
+    return atomic_write_bytes(path, frame.to_csv(index=False).encode())

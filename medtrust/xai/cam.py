@@ -67,15 +67,19 @@ def timm_last_stage_layers(task: nn.Module) -> list[str]:
 
 
 def default_cam_layers(task: nn.Module) -> dict[str, list[str]]:
-    """Default CAM layers by task: GlassBox's encoder/attention/decoder/output groups for the
-    Attention U-Net; the last conv stage of the timm backbone(s) for a classifier."""
+    """Default CAM layers by architecture (not by task): GlassBox's encoder/attention/decoder/output
+    groups for an Attention U-Net; the last conv stage of every timm backbone; else the last
+    ``nn.Conv2d`` of the model (``last_conv``)."""
     groups = attention_unet_layers(task)
     if groups:
         return groups
     layers = timm_last_stage_layers(task)
-    if not layers:
-        raise ValueError(f"no default CAM layer for {type(task).__name__}: give xai layers as module paths")
-    return {"last_stage": layers}
+    if layers:
+        return {"last_stage": layers}
+    convs = [n for n, m in task.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"no default CAM layer for {type(task).__name__} (no Conv2d): give xai layers as module paths")
+    return {"last_conv": convs[-1:]}
 
 
 def resolve_cam_layers(task: nn.Module, spec: object) -> dict[str, list[str]]:

@@ -43,18 +43,19 @@ class ExplainInputs:
 
 
 class ExplanationMethod:
-    """Base: ``name`` (map name prefix), ``tasks`` it applies to, ``gradient`` (whether the
-    model-randomisation sanity check applies: maps depend on the weights through gradients/activations)."""
+    """Base: ``name`` (map name prefix) and ``gradient`` (whether the model-randomisation sanity
+    check applies: maps depend on the weights through gradients/activations). A method applies to
+    any task of the contract (it explains ``task.explain_target``); one that needs more of the task
+    says so in :meth:`check`."""
 
     name = "method"
-    tasks: tuple[str, ...] = ("segmentation", "classification")
     gradient = True
 
     def check(self, task: nn.Module) -> None:
         """Raise when the method cannot apply to ``task`` (named)."""
-        kind = getattr(task, "task_name", type(task).__name__)
-        if kind not in self.tasks:
-            raise ValueError(f"xai method {self.name!r} does not apply to a {kind} task (it applies to {self.tasks})")
+        if not hasattr(task, "explain_target"):
+            raise ValueError(f"xai method {self.name!r} needs a task of the medtrust contract (explain_target); "
+                             f"got {type(task).__name__}")
 
     def __call__(self, x: ExplainInputs) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -72,7 +73,7 @@ def _check_baselines(method: str, baselines: Sequence[str]) -> None:
 
 
 def _target_for(x: ExplainInputs, output: str) -> Target:
-    return x.target.with_kind(as_probability(x.target.kind)) if output == "prob" else x.target
+    return x.target.with_kind(as_probability(x.target.kind, x.task)) if output == "prob" else x.target
 
 
 class Saliency(ExplanationMethod):
@@ -188,7 +189,7 @@ class GradCAM(ExplanationMethod):
                            for g, ls in groups.items()}
         out = {}
         for g, lm in self.layer_maps.items():
-            if g in ("last_stage", "selected") and len(groups) == 1:
+            if g in ("last_stage", "selected", "last_conv") and len(groups) == 1:
                 out[self.name] = torch.stack(list(lm.values())).mean(0) if g == "last_stage" else list(lm.values())[-1]
             else:
                 out[f"{self.name}_{g}"] = list(lm.values())[-1]
@@ -220,7 +221,7 @@ class ScoreCAM(ExplanationMethod):
     def _layers(self, task: nn.Module) -> list[str]:
         if self.layer in (None, "auto"):
             groups = resolve_cam_layers(task, "auto")
-            return groups["decoder"][-1:] if "decoder" in groups else groups["last_stage"]
+            return groups["decoder"][-1:] if "decoder" in groups else groups.get("last_stage") or groups["last_conv"]
         return resolve_cam_layers(task, [self.layer])["selected"]
 
     def __call__(self, x: ExplainInputs) -> dict[str, torch.Tensor]:
@@ -237,7 +238,6 @@ class SLICConfidence(ExplanationMethod):
     superpixel (``slic_confidence``) and its within-superpixel spread (``slic_uncertainty``)."""
 
     name = "slic_confidence"
-    tasks = ("segmentation",)
     gradient = False
 
     def __init__(self, n_segments: int = 100, compactness: float = 10.0) -> None:
@@ -245,11 +245,16 @@ class SLICConfidence(ExplanationMethod):
             raise ValueError(f"xai slic n_segments must be >= 2, got {n_segments}")
         self.n_segments, self.compactness = int(n_segments), float(compactness)
 
+    def check(self, task: nn.Module) -> None:
+        super().check(task)
+        if not getattr(task, "has_pixel_probabilities", False):
+            raise ValueError(f"xai method {self.name!r} does not apply to a {getattr(task, 'task_name', type(task).__name__)} "
+                             "task: it needs per-pixel probabilities (task.has_pixel_probabilities)")
+
     def __call__(self, x: ExplainInputs) -> dict[str, torch.Tensor]:
         if x.raw is None:
             raise ValueError("slic_confidence needs the un-normalised images (ExplainInputs.raw)")
-        with torch.no_grad():
-            prob = torch.sigmoid(x.task(x.images))[:, 0].cpu().numpy()
+        prob = np.asarray(x.task.explain_view(x.images, None)["pixel_prob"])
         res = [slic_confidence(x.raw[i], prob[i], self.n_segments, self.compactness, seed=x.seed)
                for i in range(len(prob))]
         return {self.name: torch.as_tensor(np.stack([r[0] for r in res])).float(),

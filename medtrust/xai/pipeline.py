@@ -54,7 +54,7 @@ def gather(task: torch.nn.Module, dm: Any, split: str, indices: Sequence[int], t
     images = batch["image"].to(device)
     masks, labels = batch.get("mask"), batch.get("label")
     recs = dm.load_split(split)[2]
-    fixed = fix_target(task, images, target_spec, masks, labels)
+    fixed = fix_target(task, images, target_spec, masks, labels)  # checks the kind against the task's
     x = ExplainInputs(task, images, make_target(task, str(target_spec["kind"]), fixed), black_value(dm),
                       [dm.raw_image(split, i) for i in indices], seed)
     return x, masks, labels, [recs[i]["id"] for i in indices]
@@ -90,22 +90,13 @@ def summarise(values: np.ndarray) -> dict[str, Any]:
 
 def save_explanation_grid(task: torch.nn.Module, x: ExplainInputs, masks: torch.Tensor | None,
                           labels: torch.Tensor | None, maps: Mapping[str, torch.Tensor], ids: Sequence[str],
-                          path: Any, prob: np.ndarray | None = None) -> Any:
-    """The GlassBox grid (image, mask, prediction, every map) of the explained images: a segmenter's
-    thresholded prediction, or a classifier's positive-class probability (panel + caption)."""
+                          path: Any) -> Any:
+    """The GlassBox grid (image, mask, prediction, every map) of the explained images; the
+    prediction panel and its caption are what the task shows (``task.explain_view``)."""
     from medtrust.report import figures
 
-    n = len(ids)
     gts = masks[:, 0].cpu().numpy() if masks is not None else None
-    with torch.no_grad():
-        if getattr(task, "task_name", "") == "segmentation":
-            preds = (torch.sigmoid(task(x.images))[:, 0] >= getattr(task, "threshold", 0.5)).float().cpu().numpy()
-            captions = None
-        else:
-            if prob is None:
-                prob = torch.softmax(task(x.images), -1)[:, -1].detach().cpu().numpy()
-            preds = np.ones((n, *x.images.shape[-2:])) * prob[:, None, None]
-            captions = [f"p={prob[i]:.2f}" + (f" y={int(labels[i])}" if labels is not None else "") for i in range(n)]
+    view = task.explain_view(x.images, labels)
     grid = {k: (v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in maps.items()
             if k != "slic_uncertainty"}
-    return figures.plot_explanation_grid(x.raw, gts, preds, grid, path, ids, captions)
+    return figures.plot_explanation_grid(x.raw, gts, np.asarray(view["pred"]), grid, path, ids, view.get("captions"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,11 +125,28 @@ def randomisation_check(explain: Callable[[nn.Module], np.ndarray], model: nn.Mo
     Raises:
         ValueError: the two explanations are not N×H×W of the same shape.
     """
-    def as_np(m) -> np.ndarray:
+    trained = explain(model)
+    return compare_to_randomised(trained, explain(randomised_copy(model, seed)), threshold)
+
+
+def compare_to_randomised(trained: Any, randomised: Any, threshold: float = 0.5) -> dict[str, Any]:
+    """The randomisation test's verdict from the maps of the trained and of the randomised model
+    (what :func:`randomisation_check` computes; explain.py calls this with maps it already has).
+
+    Args:
+        trained, randomised: N×H×W maps (numpy or torch) of the same images and targets.
+        threshold: the method passes if the mean ``spearman_abs`` is below it.
+
+    Returns:
+        As :func:`randomisation_check`.
+
+    Raises:
+        ValueError: the maps are not N×H×W of the same shape.
+    """
+    def as_np(m: Any) -> np.ndarray:
         return (m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m)).astype(float)
 
-    trained = as_np(explain(model))
-    randomised = as_np(explain(randomised_copy(model, seed)))
+    trained, randomised = as_np(trained), as_np(randomised)
     if trained.ndim != 3 or trained.shape != randomised.shape:
         raise ValueError(f"explain must return N×H×W maps of one shape, got {trained.shape} (trained) and "
                          f"{randomised.shape} (randomised)")

@@ -11,6 +11,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from tests.conftest import ROOT, TINY, run_script
 
@@ -50,12 +51,24 @@ def _start_and_stop_during_epoch_3(run, args, group: bool = False) -> str:
     return out
 
 
-def _check_resumed(run, ref) -> None:
+def _saved_step(run) -> int:
+    """The global step in interrupted.ckpt (read before the resume, which may replace it)."""
+    return int(torch.load(run / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)["global_step"])
+
+
+def _check_resumed(run, ref, saved: int) -> None:
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
     info = json.loads((run / "run.json").read_text())
     assert len(info["resumes"]) == 1 and info["resumes"][0]["checkpoint"].endswith("interrupted.ckpt")
     assert (run / ".hydra" / "config.yaml").is_file() and list((run / ".hydra").glob("resume_*/config.yaml"))
     assert (run / "csv" / "metrics.csv").is_file() and (run / "csv" / "resume1" / "metrics.csv").is_file()
+    # a resume, not a restart: the resumed log continues at the global step the checkpoint saved
+    # (a restart would log from step 0), and ends at the same final step as the uninterrupted run
+    resumed = pd.read_csv(run / "csv" / "resume1" / "metrics.csv")
+    steps = resumed.dropna(subset=["train/loss_step"])["step"]
+    assert saved > 0 and int(steps.min()) == saved, (saved, steps.min())
+    ref_steps = pd.read_csv(ref / "csv" / "metrics.csv").dropna(subset=["train/loss_step"])["step"]
+    assert int(steps.max()) == int(ref_steps.max())
     got = json.loads((run / "metrics" / "test.json").read_text())["seg"]
     want = json.loads((ref / "metrics" / "test.json").read_text())["seg"]
     # same epochs, optimiser and scheduler state; the interrupted epoch is replayed with other batches
@@ -67,8 +80,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     run_script("train.py", *RUN, f"hydra.run.dir={ref}")
     run = tmp_path / "run"
     _start_and_stop_during_epoch_3(run, RUN)
+    saved = _saved_step(run)
     run_script("train.py", f"run_dir={run}", "resume=true")
-    _check_resumed(run, ref)
+    _check_resumed(run, ref, saved)
 
 
 def test_ddp_run_stopped_on_every_rank_resumes_in_its_folder(tmp_path):
@@ -79,8 +93,9 @@ def test_ddp_run_stopped_on_every_rank_resumes_in_its_folder(tmp_path):
     run_script("train.py", *args, f"hydra.run.dir={ref}")
     run = tmp_path / "run"
     _start_and_stop_during_epoch_3(run, args, group=True)
+    saved = _saved_step(run)
     proc = run_script("train.py", f"run_dir={run}", "resume=true")
-    _check_resumed(run, ref)
+    _check_resumed(run, ref, saved)
     # the second rank resumed from the same checkpoint (it would otherwise start at epoch 0 and hang rank 0)
     assert "rank 1: resuming from" in (run / "train_ddp_process_1.log").read_text(), proc.stderr[-2000:]
     assert len([p for p in run.parent.iterdir() if p.name.startswith("run")]) == 1

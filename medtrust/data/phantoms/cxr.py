@@ -13,7 +13,7 @@ performance gap of known size can be injected. Image *i* depends only on ``(seed
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchmetrics.classification import MulticlassCalibrationError
+from torchmetrics.classification import MulticlassCalibrationError, BinaryCalibrationError
 
 from medtrust.metrics.classification import (
     adaptive_ece,
@@ -21,7 +21,11 @@ def test_top_label_ece_matches_torchmetrics():
     probs = torch.softmax(torch.randn(2000, 2) * 2, -1)
     labels = (torch.rand(2000) < probs[:, 1] ** 1.5).long()
     ref = MulticlassCalibrationError(num_classes=2, n_bins=15, norm="l1")(probs, labels)
-    assert compute_classification_metrics(probs, labels)["ece"] == pytest.approx(float(ref), abs=1e-6)
+    m = compute_classification_metrics(probs, labels)
+    assert m["ece_top_label"] == pytest.approx(float(ref), abs=1e-6)
+    # positive-class ECE is another quantity (probability of class 1 vs frequency of positives)
+    ref_pos = BinaryCalibrationError(n_bins=15, norm="l1")(probs[:, 1], labels)
+    assert m["ece_positive"] == pytest.approx(float(ref_pos), abs=1e-6) and m["ece_positive"] != m["ece_top_label"]
 
 
 def test_adaptive_ece_hand_computed():

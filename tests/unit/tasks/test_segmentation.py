@@ -49,12 +49,23 @@ def test_init_from_errors(tmp_path):
 def test_explain_target_sums_sigmoid_over_predicted_mask():
     task = make_task()
     logits = torch.tensor([[[[4.0, -4.0], [0.0, 3.0]]]])
-    got = task.explain_target(logits)
+    got = task.explain_target(logits, None, "region_prob")
     want = torch.sigmoid(torch.tensor(4.0)) + torch.sigmoid(torch.tensor(0.0)) + torch.sigmoid(torch.tensor(3.0))
     assert got.item() == pytest.approx(want.item())
     region = torch.zeros_like(logits)
     region[..., 0, 1] = 1
-    assert task.explain_target(logits, region, use_sigmoid=False).item() == pytest.approx(-4.0)
+    assert task.explain_target(logits, region, "region_logit").item() == pytest.approx(-4.0)
+
+
+def test_segmenter_and_classifier_implement_the_task_contract():
+    from medtrust.tasks.base import Task, check_task
+    from medtrust.tasks.classification import ClassificationTask
+
+    for cls in (SegmentationTask, ClassificationTask):
+        check_task(cls)
+        assert isinstance(make_task(), Task)
+    with pytest.raises(TypeError, match="missing .*evaluate_split"):
+        check_task(object())
 
 
 def test_fit_a_few_steps_logs_metrics_and_predict_contract(tmp_path):

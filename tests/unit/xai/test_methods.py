@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 from monai.losses import DiceLoss
 
-from medtrust.callbacks.explanations import ExplanationCallback
 from medtrust.nets.classifier import EnsembleClassifier, TimmClassifier
 from medtrust.nets.unet import attention_unet
 from medtrust.tasks.classification import ClassificationTask
@@ -18,7 +17,7 @@ from medtrust.xai import methods as M
 from medtrust.xai.cam import default_cam_layers
 from medtrust.xai.perturb import mc_dropout_maps, noise_maps, perturbed_maps, tta_maps
 from medtrust.xai.pipeline import build_methods, summarise
-from medtrust.xai.targets import Target, fix_target, make_target
+from medtrust.xai.targets import fix_target, make_target
 
 
 @pytest.fixture(scope="module")

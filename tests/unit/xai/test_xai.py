@@ -14,7 +14,7 @@ from medtrust.tasks.segmentation import SegmentationTask
 from medtrust.xai.attribution import integrated_gradients, make_baseline, saliency
 from medtrust.xai.cam import attention_unet_layers, get_module, layer_gradcam
 from medtrust.xai.superpixels import slic_confidence
-from medtrust.xai.targets import predicted_region, segmentation_target
+from medtrust.xai.targets import fix_target, make_target
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def test_localisation_metrics_hand_computed():
 
 def test_ig_completeness_and_saliency_shape(task):
     x = torch.rand(2, 3, 16, 16)
-    region = predicted_region(task, x)
-    fwd = segmentation_target(task, region, use_sigmoid=False)
+    spec = {"kind": "region_logit", "region": "pred"}
+    fwd = make_target(task, "region_logit", fix_target(task, x, spec))
     base = make_baseline(x, "mean")
     attr = integrated_gradients(fwd, x, base, n_steps=64, internal_batch_size=16)
     # completeness: attributions sum to f(x) - f(baseline)
@@ -62,7 +62,7 @@ def test_gradcam_layers_and_unknown_layer_lists_paths(task):
     groups = attention_unet_layers(task)
     assert set(groups) == {"encoder", "attention", "decoder", "output"}
     x = torch.rand(2, 3, 16, 16)
-    fwd = segmentation_target(task, predicted_region(task, x))
+    fwd = make_target(task, "region_prob", fix_target(task, x, {"kind": "region_prob", "region": "pred"}))
     cam = layer_gradcam(task, fwd, groups["decoder"][-1], x)
     assert cam.shape == (2, 16, 16) and (cam >= 0).all()
     with pytest.raises(KeyError, match="available module paths: .*net.model"):

@@ -1,0 +1,75 @@
+"""The classifier's part of the report: its trust lines and its sections (calibration fit, trust
+quadrants with the explanation-stability axis, failure cases), each rendered from a template in
+``templates/classification/``."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medtrust.report.trust import explanation_lines, report_split, subgroup_line, threshold_line, trust_thresholds
+from medtrust.tasks.base import ReportSection, TrustLine
+
+
+def trust_summary(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[TrustLine]:
+    th = trust_thresholds(metrics, "classification")
+    lines: list[TrustLine] = []
+    split = report_split({s: m for s, m in metrics.items() if m.get("cls")})
+    if split is not None:
+        m = metrics[split]
+        where = f"{split} ({m.get('n_images')} images)"
+        ci = m.get("ci95") or {}
+        cal = m.get("calibration") or {}
+        seen = bool(m.get("contains_training_images"))  # evaluate.py split=all on the run's own data
+        fitted = (f"{cal['fitted_on']} ({cal.get('n_fitted_images')} images), {cal.get('method')}, T = "
+                  f"{cal.get('temperature', 1.0):.2f}") if cal.get("fitted_on") else "nothing (no temperature)"
+        lines.append(threshold_line("accuracy", "AUROC", m["cls"].get("auroc"), ci.get("auroc"), float(th["auroc_min"]),
+                                    True, ("discriminates", "does not discriminate enough"),
+                                    "weights: train; checkpoint: val", where, in_sample=seen or split in ("train", "val")))
+        lines.append(threshold_line("calibration", "ECE (top-label, as reported)", m["cls"].get("ece_top_label"),
+                                    ci.get("ece_top_label"), float(th["ece_max"]), False, ("calibrated", "not calibrated"),
+                                    fitted, where, in_sample=seen or bool(cal.get("in_sample"))))
+        names = ("tpr", "fpr", "auroc", "accuracy", "selection_rate")
+        lines.append(subgroup_line(m, names, float(th["gap_max"]), float(th["alpha"]), where))
+        st = (m.get("quadrants") or {}).get("stability") or {}
+        if st.get("undefined"):
+            lines.append(TrustLine("explanations", "Grad-CAM stability under MC dropout", None, None, "—", where,
+                                   "not measured", f"explanation stability: {st['undefined']}"))
+        elif st:
+            lines.append(threshold_line("explanations", "Grad-CAM stability under MC dropout (mean Spearman)",
+                                        st.get("mean"), st.get("ci95"), float(th["stability_min"]), True,
+                                        ("stable", "unstable"), "—", where))
+    explained = explanation_lines(run_dir, str(th.get("explanation_map", "gradcam")), th)
+    if split is None or (run_dir / "metrics" / "explanations.json").is_file():
+        lines += explained
+    return lines
+
+
+def report_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: int = 8) -> list[ReportSection]:
+    out = []
+    cal = [{"split": s, **{key: v for key, v in m["calibration"].items()}} for s, m in metrics.items()
+           if m.get("calibration")]
+    if cal:
+        out.append(ReportSection("classification/calibration.html.j2", {"rows": cal}))
+    quad = [{"split": s, **m["quadrants"]["counts"], "confidence threshold": m["quadrants"].get("confidence_threshold"),
+             "threshold fitted on": m["quadrants"].get("threshold_fitted_on")}
+            for s, m in metrics.items() if isinstance(m.get("quadrants"), dict) and "counts" in m["quadrants"]]
+    stab = [{"split": s, "method": st.get("method"), "threshold": st.get("threshold"),
+             "counts": {c: v for c, v in st["counts"].items() if v}}
+            for s, m in metrics.items() for st in [(m.get("quadrants") or {}).get("stability") or {}] if st.get("counts")]
+    if quad:
+        out.append(ReportSection("classification/quadrants.html.j2", {"rows": quad, "stability": stab}))
+    for split in metrics:
+        index = run_dir / "failure_cases" / split / "index.csv"
+        if not index.is_file() or index.stat().st_size == 0:
+            continue
+        df = pd.read_csv(index)
+        groups = [{"kind": str(kind).replace("_", " "), "cases": [
+            {"image": index.parent / str(r["file"]),
+             "caption": f"{r['id']}: y={r['label']} pred={r['pred']} p={r['confidence']:.2f} H={r['entropy']:.2f}"}
+            for _, r in sub.iterrows() if (index.parent / str(r["file"])).is_file()]}
+            for kind, sub in df.groupby("kind", sort=False)]
+        out.append(ReportSection("classification/failure_cases.html.j2", {"split": split, "groups": groups}))
+    return out
