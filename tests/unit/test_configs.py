@@ -81,3 +81,26 @@ def test_every_data_config_instantiates(data, tmp_path):
     extra = [f"{required[data]}={tmp_path}"] if data in required else []
     dm = instantiate(cfg(f"data={data}", *extra).data)
     assert dm.channels in (1, 3) and hasattr(dm.source, "records")
+
+
+@pytest.mark.parametrize("model", names("model"))
+def test_model_config_chooses_its_tasks_evaluation_and_callbacks(model):
+    """The model config's defaults select conf/evaluation/<task>.yaml and the task's callbacks; the
+    task class names the same evaluation file (used when a library caller passes no config)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    c = cfg(f"model={model}")
+    task_cls = get_class(c.model._target_)
+    own = OmegaConf.load(CONF / "evaluation" / f"{task_cls.evaluation_config}.yaml")
+    assert set(c.evaluation) == set(own) and "trust" in c.evaluation
+    assert {"model_checkpoint", "on_exception", "calibration"} <= set(c.callbacks)
+
+
+def test_evaluation_config_is_the_yaml_file_and_refuses_unknown_keys():
+    from medtrust.evaluation.config import evaluation_config
+
+    assert evaluation_config("segmentation").calibration_bins == 15
+    assert evaluation_config("segmentation", {"bootstrap": 0}).bootstrap == 0
+    with pytest.raises(KeyError, match="bootstrapp"):
+        evaluation_config("classification", {"bootstrapp": 0})
