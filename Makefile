@@ -11,6 +11,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TEST_ENV  := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 ARGS      ?=
 PYTEST_ARGS ?=
+# both cores: one pytest worker each (a test file stays on one worker, so its module fixtures are built once)
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 .PHONY: install train test test-all benchmark clean
 
@@ -27,10 +29,10 @@ train: install
 	$(PY) train.py $(ARGS)
 
 test: install
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: install
-	$(TEST_ENV) $(PY) -m pytest -m "" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -m "" $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 benchmark: install
 	$(PY) experiments/benchmark.py $(ARGS)

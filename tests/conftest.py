@@ -17,6 +17,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("CI", "true")  # quiet progress bars in subprocesses
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core: one torch thread each
+    import torch
+
+    torch.set_num_threads(1)
 
 # Overrides that make any segmentation run tiny (seconds on CPU).
 TINY_MODEL = ["experiment=tiny", "threads=1"]
