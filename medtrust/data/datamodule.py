@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from medtrust.data.duplicates import (DUPLICATE_COLUMNS, DUPLICATE_POLICIES, PixelIndex, check_unique_ids,
                                       describe_groups, pixel_digest)
-from medtrust.data.records import ALL_SPLITS, DataError, Record, load_record
+from medtrust.data.records import ALL_SPLITS, RESIZE_MODES, DataError, Record, load_record
 from medtrust.data.splits import check_fractions, make_splits, write_splits
 from medtrust.data.transforms import build_transforms, denormalize
 from medtrust.utils.logging import get_logger
@@ -37,11 +37,14 @@ class CachedImageDataset(Dataset):
         masks: uint8 tensors 1×H×W or ``None`` entries.
         records: the records (metadata) in the same order.
         transform: callable on ``{"image", "mask"}`` dicts (floats in [0, 1]).
+        text_transform: callable ``(text, index) -> text`` applied to a record's ``text`` (prompt
+            augmentation of the training split), or ``None``.
     """
 
     def __init__(self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None],
-                 records: Sequence[Record], transform: Any) -> None:
+                 records: Sequence[Record], transform: Any, text_transform: Any = None) -> None:
         self.images, self.masks, self.records, self.transform = images, masks, records, transform
+        self.text_transform = text_transform
         self.attr_keys = sorted({k for r in records for k in r.get("attrs", {})})
 
     def __len__(self) -> int:
@@ -58,6 +61,10 @@ class CachedImageDataset(Dataset):
         d["path"] = str(r.get("path") or r["id"])
         if r.get("label") is not None:
             d["label"] = int(r["label"])
+        if "text" in r:
+            d["text"] = self.text_transform(r["text"], i) if self.text_transform else str(r["text"])
+        if r.get("modality") is not None:
+            d["modality"] = int(r["modality"])
         if self.attr_keys:
             d["attrs"] = {k: str(r.get("attrs", {}).get(k, "unknown")) for k in self.attr_keys}
         return d
@@ -88,6 +95,10 @@ class ImageDataModule(L.LightningDataModule):
             them in :meth:`summary` and lists them in ``splits/duplicates.csv``. Copies inside one
             split are only counted. Checked over the splits loaded so far (``cal`` included).
         load_threads: threads used to read and resize files once at setup.
+        resize: ``stretch`` to ``image_size``, or ``pad`` (keep the aspect ratio, pad with black).
+        text_augment: prompt augmentation of the training split's ``text``
+            (:class:`medtrust.data.prompts.PromptAugmenter` settings), or ``None``.
+        modalities: modality names of a multimodal source (records' ``modality`` indexes it).
         seed: random state of the augmentation pipeline.
         manifest, root, path: where the data lives (shared with the source by interpolation; recorded
             in the run's data summary).
@@ -111,6 +122,9 @@ class ImageDataModule(L.LightningDataModule):
         on_bad: str = "error",
         duplicates: str = "error",
         load_threads: int = 2,
+        resize: str = "stretch",
+        text_augment: Mapping[str, Any] | None = None,
+        modalities: Sequence[str] | None = None,
         seed: int = 0,
         drop_last: bool = False,
         balanced_sampling: bool = False,
@@ -129,6 +143,13 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"data.duplicates must be one of {DUPLICATE_POLICIES}, got {duplicates!r}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.resize = resize
+        self.modalities = [str(m) for m in modalities] if modalities else None
+        from medtrust.data.prompts import PromptAugmenter
+
+        self.text_augment = PromptAugmenter(**dict(text_augment), seed=int(seed)) if text_augment else None
         self.source = source
         self.image_size = size
         self.channels = int(channels)
@@ -195,6 +216,9 @@ class ImageDataModule(L.LightningDataModule):
     # -- loading ------------------------------------------------------------------------
     def _check_label(self, rec: Record) -> None:
         where = rec.get("where") or rec.get("path") or rec["id"]
+        if self.modalities is not None and rec.get("modality") is not None \
+                and not 0 <= int(rec["modality"]) < len(self.modalities):
+            raise DataError(f"{where}: modality index {rec['modality']} is outside data.modalities {self.modalities}")
         label = rec.get("label")
         if label is None:
             if self.require_label:
@@ -207,7 +231,7 @@ class ImageDataModule(L.LightningDataModule):
     def _load_one(self, rec: Record) -> tuple[np.ndarray, np.ndarray | None] | DataError:
         try:
             self._check_label(rec)
-            return load_record(rec, self.image_size, self.channels, self.require_mask)
+            return load_record(rec, self.image_size, self.channels, self.require_mask, self.resize)
         except DataError as err:
             where = rec.get("where")
             msg = str(err) if not where or str(err).startswith(where) else f"{where}: {err}"
@@ -272,7 +296,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def dataset(self, split: str, augment: bool = False) -> CachedImageDataset:
         images, masks, recs = self.load_split(split)
-        return CachedImageDataset(images, masks, recs, self._train_tf if augment else self._eval_tf)
+        return CachedImageDataset(images, masks, recs, self._train_tf if augment else self._eval_tf,
+                                  self.text_augment if augment else None)
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
@@ -327,6 +352,7 @@ class ImageDataModule(L.LightningDataModule):
         counts = {s: len(r) for s, r in self.split_records.items()}
         return {"name": self.name, "source": self.source.describe(), "location": self.location,
                 "image_size": self.image_size, "channels": self.channels, "split_method": self._split_how,
+                "resize": self.resize, **({"modalities": self.modalities} if self.modalities else {}),
                 "split_counts": counts, "skipped": len(self.skipped),
                 "duplicates_across_splits": self._pixels.count_across(),
                 "duplicates_within_splits": self._pixels.count_within()}

@@ -49,8 +49,8 @@ class Record(_RequiredRecord, total=False):
       ``data.on_bad=skip``, when the split is loaded.
     - ``image``, ``mask``: in-memory arrays (phantoms, MedMNIST): uint8 H×W×C (or H×W) and uint8
       H×W in {0, 1}.
-    - ``text``, ``modality``: report/prompt and modality index of multimodal sources (batch contract
-      in ``DESIGN.md``; no source sets them yet).
+    - ``text``, ``modality``: report/prompt and modality index (into ``data.modalities``) of
+      multimodal sources (``phantom_multimodal``, ``text_csv``); the batch carries both.
     """
 
     where: str
@@ -140,6 +140,26 @@ def resize_image(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return np.stack(chans, axis=-1)
 
 
+RESIZE_MODES = ("stretch", "pad")
+
+
+def pad_to_aspect(arr: np.ndarray, size: Sequence[int], fill: int = 0) -> np.ndarray:
+    """Pad H×W(×C) with ``fill`` (centred) to the aspect ratio of ``size`` = (H, W), so that a later
+    resize to ``size`` keeps the image's aspect ratio (letterboxing, not stretching)."""
+    h, w = arr.shape[:2]
+    th, tw = int(size[0]), int(size[1])
+    if h * tw == w * th:
+        return arr
+    if w * th > h * tw:  # too wide: pad rows
+        new_h, new_w = -(-w * th // tw), w
+    else:
+        new_h, new_w = h, -(-h * tw // th)
+    out = np.full((new_h, new_w, *arr.shape[2:]), fill, dtype=arr.dtype)
+    y0, x0 = (new_h - h) // 2, (new_w - w) // 2
+    out[y0:y0 + h, x0:x0 + w] = arr
+    return out
+
+
 def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize a {0,1} mask to (H, W): bilinear on 0/255 then threshold at half, which keeps
     boundaries smoother than nearest-neighbour when downsampling."""
@@ -151,7 +171,7 @@ def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def load_record(
-    record: Record, image_size: Sequence[int], channels: int, require_mask: bool
+    record: Record, image_size: Sequence[int], channels: int, require_mask: bool, resize: str = "stretch"
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Load one record at the working resolution.
 
@@ -160,6 +180,8 @@ def load_record(
         image_size: (H, W) of the working resolution.
         channels: 1 or 3.
         require_mask: raise if the record has no mask.
+        resize: ``stretch`` (to ``image_size`` whatever the aspect ratio) or ``pad`` (keep the aspect
+            ratio: pad with black, centred, then resize; masks are padded with 0 alike).
 
     Returns:
         ``(image, mask)``: uint8 C×H×W and uint8 1×H×W in {0,1} (``mask`` is ``None`` when absent).
@@ -191,6 +213,9 @@ def load_record(
                 f"{record.get('mask_path', where)}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) differs "
                 f"from its image {where} size {img.shape[1]}x{img.shape[0]}; expected the same size"
             )
-        mask = resize_mask(binarise_mask(mask), image_size)[None]
+        mask = binarise_mask(mask)
+        mask = resize_mask(pad_to_aspect(mask, image_size) if resize == "pad" else mask, image_size)[None]
+    if resize == "pad":
+        img = pad_to_aspect(img, image_size)
     img = resize_image(img, image_size).transpose(2, 0, 1).copy()
     return img, mask
