@@ -65,6 +65,25 @@ def run_name() -> str:
     return f"{out.parent.name}-{out.name}" if str(hc.mode) == "RunMode.MULTIRUN" else out.name
 
 
+def first(value: object) -> object:
+    """The first element of a list (``[64, 64]`` -> 64), or the value itself."""
+    return value[0] if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, str) else value
+
+
+def latent_size(image_size: object, block_out_channels: object) -> int:
+    """Side of an autoencoder's latents: the image side over ``2 ** (levels - 1)``.
+
+    Raises:
+        ValueError: the image is not square or its side is not divisible by the downsampling.
+    """
+    size = [int(s) for s in image_size] if not isinstance(image_size, (int, str)) else [int(image_size)] * 2
+    factor = 2 ** (len(list(block_out_channels)) - 1)
+    if size[0] != size[1] or size[0] % factor:
+        raise ValueError(f"data.image_size={size}: the generator needs square images whose side is divisible by "
+                         f"the autoencoder's downsampling {factor} (model.vae.block_out_channels)")
+    return size[0] // factor
+
+
 def register_resolvers() -> None:
     pairs = {
         "project_root": (lambda: str(PROJECT_ROOT), False),
@@ -74,6 +93,8 @@ def register_resolvers() -> None:
         "eval_dir": (eval_dir, False),
         "wandb_group": (wandb_group, False),
         "run_name": (run_name, False),
+        "first": (first, False),
+        "latent_size": (latent_size, False),
     }
     for name, (fn, cache) in pairs.items():
         if not OmegaConf.has_resolver(name):

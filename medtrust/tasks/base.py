@@ -199,7 +199,8 @@ def check_task(task: Any) -> None:
 
 
 # -- shared implementation -----------------------------------------------------------------------
-def load_init_weights(module: nn.Module, path: str | Path, key: str = "model.init_from") -> dict[str, list[str]]:
+def load_init_weights(module: nn.Module, path: str | Path, key: str = "model.init_from",
+                      state: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[str]]:
     """Initialise ``module`` from a checkpoint's weights (``weights_only=True``), non-strictly.
 
     Tensors whose name and shape match are copied; the rest are reported (and logged) so a user
@@ -209,6 +210,8 @@ def load_init_weights(module: nn.Module, path: str | Path, key: str = "model.ini
         module: the task (its ``state_dict`` keys are compared with the checkpoint's).
         path: a Lightning ``.ckpt`` (uses its ``state_dict``) or a plain state-dict file.
         key: config key named in error messages.
+        state: the checkpoint's state dict when the caller has already read (and remapped) it;
+            ``path`` is then only named in messages.
 
     Returns:
         ``{"loaded", "missing", "unexpected", "shape_mismatch"}`` lists of parameter names.
@@ -218,12 +221,15 @@ def load_init_weights(module: nn.Module, path: str | Path, key: str = "model.ini
         ValueError: not a checkpoint, or no parameter matched.
     """
     p = Path(str(path)).expanduser()
-    if not p.is_file():
+    if state is not None:
+        ckpt: Any = {"state_dict": dict(state)}
+    elif not p.is_file():
         raise FileNotFoundError(f"{key}: checkpoint not found: {p}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip errors differ across torch versions
-        raise ValueError(f"{key}: {p} is not a loadable checkpoint with weights_only=True ({err})") from err
+    else:
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle/zip errors differ across torch versions
+            raise ValueError(f"{key}: {p} is not a loadable checkpoint with weights_only=True ({err})") from err
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{key}: {p} holds no state_dict")

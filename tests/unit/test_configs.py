@@ -25,8 +25,22 @@ def cfg(*overrides: str):
         return compose("train", overrides=list(overrides))
 
 
+GENERATIVE = {"vae": "loss=vae", "latent_diffusion": "loss=diffusion"}
+
+
 @pytest.mark.parametrize("model", names("model"))
 def test_every_model_builds_and_forwards_at_32px(model):
+    if model in GENERATIVE:  # image-text data; one training step gives a finite, differentiable loss
+        c = cfg(f"model={model}", GENERATIVE[model], "data=phantom_multimodal", "data.image_size=[32,32]")
+        task = instantiate(c.model, loss=instantiate(c.loss), _convert_="all")
+        batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1, "text": ["chest X-ray: no opacity", "brain MRI: no lesion"],
+                 "modality": torch.tensor([0, 2])}
+        if model == "vae":
+            assert task(batch["image"]).shape == (2, 3, 32, 32)
+        loss = task.training_step(batch, 0)
+        loss.backward()
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        return
     cls = "classifier" in model
     data = ["data=phantom_cxr", "loss=ce"] if cls else []
     c = cfg(f"model={model}", *data, "data.image_size=[32,32]")
@@ -44,6 +58,12 @@ CLASSIFICATION_LOSSES = {"ce", "focal"}
 @pytest.mark.parametrize("loss", names("loss"))
 def test_every_loss_is_differentiable(loss):
     fn = instantiate(cfg(f"loss={loss}").loss)
+    if loss == "vae":  # reconstruction, image, KL per image
+        rec = torch.randn(2, 3, 8, 8, requires_grad=True)
+        value, parts = fn(rec, torch.rand(2, 3, 8, 8), torch.rand(2))
+        value.backward()
+        assert value.ndim == 0 and rec.grad is not None and set(parts) == {"rec", "kl"}
+        return
     if loss in CLASSIFICATION_LOSSES:  # logits B x C, integer labels B
         logits = torch.randn(4, 2, requires_grad=True)
         value = fn(logits, torch.tensor([0, 1, 1, 0]))
@@ -63,8 +83,11 @@ def test_every_augment_preset_builds(preset):
 @pytest.mark.parametrize("experiment", names("experiment"))
 def test_every_experiment_composes(experiment, tmp_path):
     c = cfg(f"experiment={experiment}", f"data.root={tmp_path}" if "glassbox_" in experiment and "ph2" not in experiment else "seed=1")
-    assert c.model._target_.endswith("ClassificationTask" if experiment.startswith("tmv_") else "SegmentationTask")
-    instantiate(c.model.net, _convert_="all")  # strides vs image size / backbone name checked here
+    task = "ClassificationTask" if experiment.startswith("tmv_") else "SegmentationTask"
+    if experiment.startswith("minim"):
+        task = "AutoencoderTask" if experiment.endswith("_vae") else "GenerationTask"
+    assert c.model._target_.endswith(task)
+    instantiate(c.model.unet if task == "GenerationTask" else c.model.net, _convert_="all")  # sizes checked here
 
 
 def test_default_config_is_the_phantom_segmenter():
@@ -76,7 +99,7 @@ def test_default_config_is_the_phantom_segmenter():
 
 @pytest.mark.parametrize("data", names("data"))
 def test_every_data_config_instantiates(data, tmp_path):
-    required = {"csv": "data.manifest", "chexpert": "data.manifest", "isic2018": "data.root", "folder": "data.root",
+    required = {"csv": "data.manifest", "chexpert": "data.manifest", "text_csv": "data.manifest", "isic2018": "data.root", "folder": "data.root",
                 "nih_chestxray14": "data.root", "medmnist": "data.path"}
     extra = [f"{required[data]}={tmp_path}"] if data in required else []
     dm = instantiate(cfg(f"data={data}", *extra).data)
@@ -94,7 +117,9 @@ def test_model_config_chooses_its_tasks_evaluation_and_callbacks(model):
     task_cls = get_class(c.model._target_)
     own = OmegaConf.load(CONF / "evaluation" / f"{task_cls.evaluation_config}.yaml")
     assert set(c.evaluation) == set(own) and "trust" in c.evaluation
-    assert {"model_checkpoint", "on_exception", "calibration"} <= set(c.callbacks)
+    assert {"model_checkpoint", "on_exception"} <= set(c.callbacks)
+    own_callbacks = {"AutoencoderTask": set(), "GenerationTask": {"samples"}}.get(task_cls.__name__, {"calibration"})
+    assert own_callbacks <= set(c.callbacks)
 
 
 def test_evaluation_config_is_the_yaml_file_and_refuses_unknown_keys():

@@ -1,0 +1,1 @@
+"""Generation: sampling, the diffusers pipeline, the evaluator networks."""

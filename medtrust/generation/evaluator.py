@@ -1,0 +1,126 @@
+"""The evaluator of a generator: a small CNN trained here on REAL training images that tells the
+modality and the finding (absent / left / right on the phantoms) of an image, and whose pooled
+features are the feature network of FID / KID and of the memorisation search.
+
+No Inception weights exist offline, so FID here is measured in this network's feature space: it
+ranks generators on the same data, but it is not comparable to published FID. Its accuracy on real
+held-out images is reported next to every figure it produces (a generated image can only be judged
+as faithfully as the judge sees real ones).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class EvaluatorNet(nn.Module):
+    """Four conv blocks + global pooling -> ``feature_dim`` features, one linear head per target.
+
+    Inputs are images in [0, 1] (any square size; pooled at the end).
+    """
+
+    def __init__(self, heads: Mapping[str, int], channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        w = int(width)
+        layers: list[nn.Module] = []
+        c_in = channels
+        for c in (w, 2 * w, 4 * w, 4 * w):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = c_in
+        self.head_sizes = {str(k): int(v) for k, v in heads.items()}
+        self.heads = nn.ModuleDict({k: nn.Linear(c_in, n) for k, n in self.head_sizes.items()})
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.body((x - 0.5) / 0.25), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(x)
+        return {k: h(f) for k, h in self.heads.items()}
+
+
+class FeatureModule(nn.Module):
+    """``net.features`` as torchmetrics' ``feature=`` network: float images in [0, 1] -> N×D."""
+
+    def __init__(self, net: EvaluatorNet) -> None:
+        super().__init__()
+        self.net = net
+        self.num_features = net.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        return self.net.features(x).double()
+
+
+def train_evaluator(images: torch.Tensor, targets: Mapping[str, torch.Tensor], epochs: int = 6, batch_size: int = 64,
+                    lr: float = 2e-3, width: int = 32, seed: int = 0) -> EvaluatorNet:
+    """Train an :class:`EvaluatorNet` on ``images`` (N×C×H×W in [0, 1]) for each target (N class indices).
+
+    Light augmentation (brightness/contrast jitter, small shifts; no flips: they would swap the
+    side of a finding). Deterministic for a seed on one machine.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    torch.manual_seed(int(seed))
+    heads = {k: int(v.max()) + 1 for k, v in targets.items()}
+    net = EvaluatorNet(heads, images.shape[1], width)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    n = len(images)
+    steps = max(1, epochs * ((n + batch_size - 1) // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    net.train()
+    for _ in range(int(epochs)):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            x = images[idx]
+            b = len(x)
+            gain = 1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
+            bias = 0.1 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
+            x = (x * gain + bias).clamp(0, 1)
+            dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            out = net(x)
+            loss = sum(F.cross_entropy(out[k], targets[k][idx]) for k in out)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(net: EvaluatorNet, images: torch.Tensor, batch_size: int = 128) -> dict[str, Any]:
+    """``{"features": N×D, "<head>": N predicted classes, "<head>_prob": N×K}``."""
+    net.eval()
+    feats, outs = [], {k: [] for k in net.heads}
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        f = net.features(x)
+        feats.append(f)
+        for k, h in net.heads.items():
+            outs[k].append(h(f).softmax(1))
+    res: dict[str, Any] = {"features": torch.cat(feats) if feats else torch.empty(0, net.feature_dim)}
+    for k, v in outs.items():
+        p = torch.cat(v) if v else torch.empty(0, net.head_sizes[k])
+        res[f"{k}_prob"], res[k] = p, p.argmax(1)
+    return res
+
+
+def head_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float | None:
+    return float((pred == target).float().mean()) if len(target) else None
+
+
+def class_names(values: Sequence[Any]) -> list[str]:
+    return [str(v) for v in values]
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()

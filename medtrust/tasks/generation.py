@@ -1,0 +1,382 @@
+"""Stage 2 of latent diffusion (MINIM): a text- and modality-conditioned ``UNet2DConditionModel``
+denoising the latents of a frozen ``AutoencoderKL``.
+
+- Text: a frozen transformers encoder (MiniLM offline by default, PubMedBERT or any local folder by
+  config); its token states are the cross-attention context.
+- Modality: MINIM's learned modality embedding fused with the pooled text embedding (Hadamard
+  product + linear, :class:`~medtrust.nets.diffusion.ModalityFusion`), fed to the UNet as its class
+  embedding and/or as an extra context token (``model.conditioning``).
+- Training: condition dropout for classifier-free guidance (the text becomes ``""`` and the
+  modality the learned null modality), EMA weights (evaluated and sampled), min-SNR loss weighting,
+  gradient clipping and warm-up from the trainer/scheduler configs. ``model.lora.enabled=true``
+  freezes the UNet and trains peft LoRA adapters on the cross-attention, the mid-block
+  self-attention and the output layers (start from a generator run with ``model.init_from``).
+- Sampling: DDIM, DPM-Solver++ or DDPM with guidance, negative prompts and a guidance schedule
+  (:mod:`medtrust.generation.sampling`). Every image has its own seed: its initial noise depends on
+  that seed alone, so the same seed gives the same image in any batch.
+
+The VAE comes from a stage-1 run (``model.vae_run=<autoencoder run>``: weights and latent scaling
+factor) or a local diffusers folder, and is stored inside this run's checkpoint, so a generator run
+is self-contained but for the (named) text encoder.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medtrust.generation.sampling import (diffusion_target, sample_latents, sampling_scheduler, sampling_settings,
+                                          training_scheduler)
+from medtrust.nets.diffusion import ConditionEncoder, TextEncoder, add_lora, lora_state_dict
+from medtrust.tasks.base import EvalResult, ReportSection, RunModel, TaskBase, TrustLine, load_init_weights
+from medtrust.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Denoiser(nn.Module):
+    """What is trained (and averaged by EMA): the UNet and the condition encoder (modality fusion and
+    context-token projection)."""
+
+    def __init__(self, unet: nn.Module, cond: ConditionEncoder) -> None:
+        super().__init__()
+        self.unet, self.cond = unet, cond
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor,
+                modality: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, **self.cond(states, mask, pooled, modality)).sample
+
+
+def _ema_avg(decay: float):
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(num)) / (10.0 + float(num)))  # warm-up, as diffusers' EMAModel
+        return d * averaged + (1.0 - d) * current
+    return avg
+
+
+class GenerationTask(TaskBase):
+    """Latent diffusion conditioned on text and modality.
+
+    Args:
+        unet: a ``UNet2DConditionModel`` (``medtrust.nets.diffusion.conditional_unet``).
+        vae: an ``AutoencoderKL`` (its weights come from ``vae_run`` or its own folder).
+        loss: :class:`medtrust.losses.diffusion.DiffusionLoss`.
+        optimizer, scheduler, scheduler_interval: partials, as every task.
+        modalities: modality names; a record's ``modality`` indexes this list.
+        text_encoder: ``{name, max_length, cache_size}`` of :class:`TextEncoder`.
+        noise: ``{num_train_timesteps, beta_schedule, prediction_type}`` of the training scheduler.
+        conditioning: ``{class_embedding, context_token, p_uncond}``.
+        ema: ``{enabled, decay}``.
+        lora: ``{enabled, rank, alpha, dropout, target_modules}``.
+        sampling: default ``{sampler, steps, guidance, guidance_schedule, min_guidance, negative_prompt}``.
+        vae_run: a stage-1 autoencoder run folder (weights + ``vae_stats.json``), loaded at fit start.
+        scaling_factor: the latent scaling factor when no ``vae_run`` gives it.
+        val_timesteps: fixed timesteps of the validation loss (same noise every epoch).
+        init_from: a checkpoint whose matching weights initialise the task (LoRA: the base generator).
+    """
+
+    task_name: ClassVar[str] = "generation"
+    metric_group: ClassVar[str] = "gen"
+    evaluation_config: ClassVar[str] = "generation"
+    xai_target_kinds: ClassVar[tuple[str, ...]] = ("denoising_error",)
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, loss: nn.Module, optimizer: Any, modalities: Sequence[str],
+                 text_encoder: Mapping[str, Any] | None = None, noise: Mapping[str, Any] | None = None,
+                 conditioning: Mapping[str, Any] | None = None, ema: Mapping[str, Any] | None = None,
+                 lora: Mapping[str, Any] | None = None, sampling: Mapping[str, Any] | None = None,
+                 scheduler: Any = None, scheduler_interval: str = "step", vae_run: str | None = None,
+                 scaling_factor: float | None = None, val_timesteps: Sequence[int] = (100, 300, 500, 700, 900),
+                 monitor: str = "val/gen/loss", monitor_mode: str = "min", init_from: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["unet", "vae", "loss", "optimizer", "scheduler"])
+        self.modalities = [str(m) for m in modalities]
+        if not self.modalities:
+            raise ValueError("model.modalities is empty; expected the modality names of the data")
+        te = dict(text_encoder or {})
+        # frozen and outside the module tree: never in a checkpoint (22 M parameters), named in the config
+        object.__setattr__(self, "text_encoder", TextEncoder(**te))
+        cond = {"class_embedding": True, "context_token": True, "p_uncond": 0.1, **dict(conditioning or {})}
+        self.conditioning = cond
+        dim = self.text_encoder.dim
+        ca = int(unet.config.cross_attention_dim)
+        if ca != dim:
+            raise ValueError(f"model.unet.cross_attention_dim={ca} but the text encoder {te.get('name')} gives "
+                             f"{dim}-d token states; set model.unet.cross_attention_dim={dim}")
+        fused_dim = int(unet.config.projection_class_embeddings_input_dim or dim) if cond["class_embedding"] else dim
+        if cond["class_embedding"] and unet.config.class_embed_type != "projection":
+            raise ValueError("model.conditioning.class_embedding=true needs a UNet built with a class embedding "
+                             "(model.unet.class_embedding_dim)")
+        self.denoiser = Denoiser(unet, ConditionEncoder(self.modalities, dim, fused_dim, bool(cond["class_embedding"]),
+                                                        bool(cond["context_token"])))
+        self.vae = vae
+        for p in self.vae.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("latent_scale", torch.tensor(float(scaling_factor or 1.0)))
+        self.vae_run = vae_run
+        self.noise_scheduler = training_scheduler(**dict(noise or {}))
+        self.sampling = sampling_settings(sampling)
+        self.loss = loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.scheduler_interval, self.monitor = scheduler_interval, monitor
+        self.val_timesteps = [int(t) for t in val_timesteps]
+        self.init_report = self._init_from(init_from) if init_from else None
+        lo = {"enabled": False, "rank": 8, "alpha": None, "dropout": 0.0, **dict(lora or {})}
+        self.lora_cfg = lo
+        self.lora_params: dict[str, float] | None = None
+        if lo["enabled"]:
+            kwargs = {k: lo[k] for k in ("rank", "alpha", "dropout") if lo.get(k) is not None}
+            if lo.get("target_modules"):
+                kwargs["target_modules"] = lo["target_modules"]
+            self.lora_params = add_lora(self.denoiser.unet, **kwargs)
+            for p in self.denoiser.cond.parameters():  # the condition encoder stays trainable (small)
+                p.requires_grad_(True)
+            log.info(f"LoRA: {self.lora_params['trainable']:,} of {self.lora_params['total']:,} UNet parameters "
+                     f"trainable ({100 * self.lora_params['share']:.2f} %)")
+        e = {"enabled": True, "decay": 0.999, **dict(ema or {})}
+        self.ema = (torch.optim.swa_utils.AveragedModel(self.denoiser, avg_fn=_ema_avg(float(e["decay"])), use_buffers=True)
+                    if e["enabled"] else None)
+        self._uncond: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def _init_from(self, path: str) -> dict[str, list[str]]:
+        """Initialise from a generator checkpoint, taking its EMA weights when it has them (the ones it
+        was evaluated and sampled with)."""
+        p = Path(str(path)).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"model.init_from: checkpoint not found: {p}")
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle/zip errors differ across torch versions
+            raise ValueError(f"model.init_from: {p} is not a loadable checkpoint with weights_only=True ({err})") from err
+        sd = dict(state.get("state_dict", state))
+        ema = {k[len("ema.module."):]: v for k, v in sd.items() if k.startswith("ema.module.")}
+        if ema:
+            sd = {k: v for k, v in sd.items() if not k.startswith("ema.")}
+            sd.update({f"denoiser.{k}": v for k, v in ema.items()})
+        report = load_init_weights(self, p, state=sd)
+        report["ema_weights"] = bool(ema)
+        return report
+
+    # -- stage 1 -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.vae_run and not self.init_report:
+            from medtrust.tasks.autoencoder import read_vae_run
+
+            weights, stats = read_vae_run(self.vae_run)
+            try:
+                self.vae.load_state_dict(weights, strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"model.vae does not match the autoencoder of model.vae_run={self.vae_run} (its "
+                                 f".hydra/config.yaml model.net): {str(err).splitlines()[0]}") from err
+            self.latent_scale.fill_(float(stats["scaling_factor"]))
+            log.info(f"VAE from {self.vae_run} (scaling factor {stats['scaling_factor']:.4f}, fitted on {stats['fitted_on']})")
+            if self.ema is not None:  # the EMA copy was made before the weights changed
+                self.ema.module.load_state_dict(self.denoiser.state_dict())
+
+    # -- conditions ------------------------------------------------------------------------------
+    @property
+    def null_modality(self) -> int:
+        return len(self.modalities)
+
+    def modality_index(self, name: str | int) -> int:
+        """The index of a modality name (or a checked index).
+
+        Raises:
+            ValueError: an unknown modality, naming the known ones.
+        """
+        if isinstance(name, (int, np.integer)) and 0 <= int(name) < len(self.modalities):
+            return int(name)
+        if str(name) in self.modalities:
+            return self.modalities.index(str(name))
+        raise ValueError(f"unknown modality {name!r}; this generator knows {self.modalities}")
+
+    def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        enc = self.text_encoder
+        dev = self.latent_scale.device
+        if next(enc.model.parameters()).device != dev:
+            enc.model.to(dev)
+        return enc(list(texts))
+
+    def conditions(self, texts: Sequence[str], modality: torch.Tensor,
+                   drop: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Text states, mask, pooled and modality of a batch; ``drop`` (B bool) replaces an item's
+        condition by the null condition (empty text, null modality)."""
+        states, mask, pooled = self.encode_text(texts)
+        modality = modality.to(states.device).long()
+        if drop is not None and bool(drop.any()):
+            s0, m0, p0 = self.encode_text([""])
+            d = drop.to(states.device)
+            states = torch.where(d[:, None, None], s0.expand_as(states), states)
+            mask = torch.where(d[:, None], m0.expand_as(mask), mask)
+            pooled = torch.where(d[:, None], p0.expand_as(pooled), pooled)
+            modality = torch.where(d, torch.full_like(modality, self.null_modality), modality)
+        return states, mask, pooled, modality
+
+    # -- latents -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        return z * self.latent_scale
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]."""
+        return self.vae.decode(z / self.latent_scale).sample.clamp(-1, 1)
+
+    def net(self, use_ema: bool = True) -> Denoiser:
+        return self.ema.module if (use_ema and self.ema is not None) else self.denoiser
+
+    # -- training -----------------------------------------------------------------------------------
+    def _loss(self, batch: Mapping[str, Any], generator: torch.Generator | None, timesteps: torch.Tensor | None,
+              drop: torch.Tensor | None, net: Denoiser) -> torch.Tensor:
+        x = batch["image"]
+        b = len(x)
+        z = self.encode_images(x, generator=generator)
+        noise = torch.randn(z.shape, generator=generator).to(z)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        timesteps = timesteps.to(z.device)
+        noisy = self.noise_scheduler.add_noise(z, noise, timesteps)
+        states, mask, pooled, modality = self.conditions(batch["text"], torch.as_tensor(batch["modality"]), drop)
+        pred = net(noisy, timesteps, states, mask, pooled, modality)
+        target = diffusion_target(self.noise_scheduler, z, noise, timesteps)
+        return self.loss(pred, target, timesteps, self.noise_scheduler)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        b = len(batch["image"])
+        drop = torch.rand(b) < float(self.conditioning["p_uncond"])
+        loss = self._loss(batch, None, None, drop, self.denoiser)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=b, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.denoiser)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Denoising loss at fixed timesteps with fixed noise (comparable across epochs), EMA weights."""
+        b = len(batch["image"])
+        total = 0.0
+        for t in self.val_timesteps:
+            g = torch.Generator().manual_seed(1000 * batch_idx + t)
+            total += float(self._loss(batch, g, torch.full((b,), t), None, self.net()))
+        self.log("val/gen/loss", total / len(self.val_timesteps), on_epoch=True, batch_size=b, prog_bar=True)
+        self.log("val/loss", total / len(self.val_timesteps), on_epoch=True, batch_size=b)
+
+    # -- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], modalities: Sequence[str | int], seeds: Sequence[int],
+                 sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                 guidance_schedule: str | None = None, min_guidance: float | None = None,
+                 negative_prompt: str | None = None, batch_size: int = 16, use_ema: bool = True,
+                 init_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (N×C×H×W in [0, 1]) for ``prompts`` with their modalities and seeds.
+
+        The unconditional branch of guidance is the negative prompt (default ``""``) with the null
+        modality. Image ``i``'s initial noise depends on ``seeds[i]`` only (or is ``init_noise[i]``).
+        """
+        if not (len(prompts) == len(modalities) == len(seeds)):
+            raise ValueError(f"generate: {len(prompts)} prompts, {len(modalities)} modalities and {len(seeds)} seeds; "
+                             "expected one of each per image")
+        s = sampling_settings({**self.sampling, **{k: v for k, v in dict(
+            sampler=sampler, steps=steps, guidance=guidance, guidance_schedule=guidance_schedule,
+            min_guidance=min_guidance, negative_prompt=negative_prompt).items() if v is not None}})
+        self.eval()
+        net = self.net(use_ema)
+        mods = torch.tensor([self.modality_index(m) for m in modalities])
+        zc = int(self.vae.config.latent_channels)
+        hw = int(self.denoiser.unet.config.sample_size)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            sl = slice(i, i + batch_size)
+            texts, mod = list(prompts[sl]), mods[sl]
+            b = len(texts)
+            noise = (init_noise[sl] if init_noise is not None else
+                     torch.stack([torch.randn((zc, hw, hw), generator=torch.Generator().manual_seed(int(sd)))
+                                  for sd in seeds[sl]]))
+            states, mask, pooled, mod = self.conditions(texts, mod)
+            if s["guidance"] != 1.0:
+                us, um, up = self.encode_text([s["negative_prompt"]] * b)
+                um_mod = torch.full_like(mod, self.null_modality)
+                states2, mask2 = torch.cat([us, states]), torch.cat([um, mask])
+                pooled2, mod2 = torch.cat([up, pooled]), torch.cat([um_mod, mod])
+
+            def denoise(x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
+                tt = torch.full((len(x),), int(t), device=x.device)
+                if guided:
+                    return net(x, tt, states2, mask2, pooled2, mod2)
+                return net(x, tt, states, mask, pooled, mod)
+
+            gen = torch.Generator().manual_seed(int(seeds[i]))
+            sched = sampling_scheduler(self.noise_scheduler, s["sampler"])
+            z = sample_latents(denoise, sched, tuple(noise.shape), s["steps"], gen, s["guidance"],
+                               s["guidance_schedule"], s["min_guidance"], init_noise=noise,
+                               device=self.latent_scale.device)
+            out.append(((self.decode_latents(z) + 1) / 2).cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def sampling_record(self, **overrides: Any) -> dict[str, Any]:
+        """The sampling settings an image was made with (for the CSV next to generated images)."""
+        return sampling_settings({**self.sampling, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def lora_weights(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights alone (``model.lora.enabled``), for ``save_lora``."""
+        if not self.lora_cfg["enabled"]:
+            raise ValueError("this generator has no LoRA adapters (model.lora.enabled=false)")
+        return lora_state_dict(self.net().unet)
+
+    # -- the contract ----------------------------------------------------------------------------
+    def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any] | None:
+        from medtrust.evaluation.generation import fit_evaluators
+
+        return fit_evaluators(self, datamodule, Path(run_dir), evaluation)
+
+    @classmethod
+    def load_post_fit(cls, run_dir: Path) -> dict[str, Any] | None:
+        from medtrust.evaluation.generation import load_evaluators
+
+        return load_evaluators(Path(run_dir))
+
+    def evaluate_split(self, datamodule: Any, split: str, out_dir: Path, evaluation: Any = None,
+                       extra: Mapping[str, Any] | None = None, fitted: Mapping[str, Any] | None = None) -> EvalResult:
+        from medtrust.evaluation.generation import evaluate_generator
+
+        return evaluate_generator(self, datamodule, split, Path(out_dir), evaluation, extra, fitted)
+
+    @classmethod
+    def report_sections(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
+        from medtrust.report.generation import generation_sections
+
+        return generation_sections(Path(run_dir), metrics)
+
+    @classmethod
+    def trust_summary(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[TrustLine]:
+        from medtrust.report.generation import generation_trust_lines
+
+        return generation_trust_lines(Path(run_dir), metrics)
+
+    def fix_xai_target(self, images: torch.Tensor, spec: Mapping[str, Any], masks: torch.Tensor | None,
+                       labels: torch.Tensor | None) -> None:
+        return None
+
+    def explain_target(self, output: torch.Tensor, fixed: torch.Tensor | None, kind: str) -> torch.Tensor:
+        raise ValueError("generation runs are explained through their samples (evaluate.py), not attribution maps")
+
+    def explain_view(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+        with torch.no_grad():
+            z = self.encode_images(images, sample=False)
+            err = (self.decode_latents(z) - images).abs().mean(1)
+        return {"pred": err.cpu().numpy(), "captions": [f"VAE L1 {float(e):.3f}" for e in err.flatten(1).mean(1)],
+                "pixel_prob": None}
+
+    @classmethod
+    def compare(cls, runs: Sequence[RunModel], datamodule: Any, split: str, out_dir: Path,
+                evaluation: Any = None, n_show: int = 6) -> list[dict[str, Any]]:
+        from medtrust.evaluation.generation import compare_generators
+
+        return compare_generators(runs, datamodule, split, Path(out_dir), evaluation)
