@@ -48,7 +48,7 @@ def test_same_seed_same_image_whatever_the_batch(task):
     a = task.generate(["chest X-ray: no opacity", "fundus photograph: no haemorrhage"], MODS, [5, 6], guidance=2.0)
     b = task.generate(["fundus photograph: no haemorrhage"], ["fundus"], [6], guidance=2.0)
     c = task.generate(["fundus photograph: no haemorrhage"], ["fundus"], [7], guidance=2.0)
-    assert a.shape == (2, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    assert a.shape == (2, 3, 32, 32) and a.std() > 0.01  # not a constant (e.g. all-clamped) image
     # the image depends on its seed, not on its batch (up to float summation order across batch sizes)
     assert torch.allclose(a[1], b[0], atol=1e-4) and (b - c).abs().max() > 0.01
     assert torch.equal(b, task.generate(["fundus photograph: no haemorrhage"], ["fundus"], [6], guidance=2.0))
