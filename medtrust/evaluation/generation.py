@@ -78,7 +78,7 @@ def fit_evaluators(task: Any, dm: Any, run_dir: Path, evaluation: Any = None) ->
     train = split_items(dm, "train")
     val = split_items(dm, "val")
     net = train_evaluator(train["images"], _targets(train), int(ec.epochs), int(ec.batch_size), float(ec.lr),
-                          int(ec.width), int(ec.seed))
+                          int(ec.width), int(ec.seed), int(ec.get("head_grid", 2)))
     pv = predict(net, val["images"])
     acc = {k: head_accuracy(pv[k], v) for k, v in _targets(val).items()}
     per_mod = {}
@@ -95,6 +95,7 @@ def fit_evaluators(task: Any, dm: Any, run_dir: Path, evaluation: Any = None) ->
     real_shuffled = gm.alignment_scores(align, val["images"], pooled_val.cpu()[perm])
     info = {"fitted_on": f"train ({len(train['images'])} real images)", "reported_on": f"val ({len(val['images'])} real images)",
             "modalities": list(task.modalities), "heads": dict(net.head_sizes), "width": int(ec.width),
+            "head_grid": int(net.head_grid), "epochs": int(ec.epochs),
             "feature_dim": int(net.feature_dim), "accuracy_real_val": acc, "accuracy_real_val_modalities": per_mod,
             "alignment_real_val": {"matching": float(np.mean(real_match)), "shuffled": float(np.mean(real_shuffled))},
             "alignment_config": align.config() if hasattr(align, "config") else {},
@@ -129,7 +130,7 @@ def load_evaluators(run_dir: Path) -> dict[str, Any] | None:
         return None
     info = read_json(folder / "evaluator.json")
     state = torch.load(folder / "evaluator.pt", map_location="cpu", weights_only=True)
-    net = EvaluatorNet(info["heads"], 3, int(info["width"]))
+    net = EvaluatorNet(info["heads"], 3, int(info["width"]), int(info.get("head_grid", 1)))
     net.load_state_dict(state["evaluator"])
     align = gm.AlignmentModel(**info.get("alignment_config", {}))
     align.load_state_dict(state["alignment"])
@@ -188,9 +189,15 @@ def evaluate_generator(task: Any, dm: Any, split: str, out_dir: Path, evaluation
     mt = int(ev.memorisation.max_train_images)
     train_imgs = train["images"][:mt]
     pt = predict(net, train_imgs)
-    mem = gm.nearest_training(pf["features"], pt["features"], fake, train_imgs,
-                              cos_threshold=float(ev.memorisation.cos_threshold),
-                              ssim_threshold=float(ev.memorisation.ssim_threshold), topk_ssim=int(ev.memorisation.topk))
+    copy_cal = copy_thresholds(task, dm, split, items, net, train_imgs, pt["features"], ev.memorisation)
+    if copy_cal is None:
+        cos_thr, ssim_thr = float(ev.memorisation.cos_threshold), float(ev.memorisation.ssim_threshold)
+    else:
+        per = [copy_cal["groups"].get(task.modalities[m], copy_cal["pooled"]) for m in mods]
+        cos_thr = torch.tensor([t["cosine"] for t in per], dtype=torch.float64)
+        ssim_thr = torch.tensor([t["ssim"] for t in per], dtype=torch.float64)
+    mem = gm.nearest_training(pf["features"], pt["features"], fake, train_imgs, cos_threshold=cos_thr,
+                              ssim_threshold=ssim_thr, topk_ssim=int(ev.memorisation.topk))
     feature = FeatureModule(net)
     real_feats = items["images"]
     per_image = pd.DataFrame({"prompt": prompts, "modality": [task.modalities[m] for m in mods], "seed": seeds,
@@ -249,7 +256,9 @@ def evaluate_generator(task: Any, dm: Any, split: str, out_dir: Path, evaluation
         "n_images": int(len(per_image)), "n_prompts": len(chosen), "samples_per_prompt": k,
         "gen": {key: ov[key] for key in ("fid", "kid", "ms_ssim", "alignment", "alignment_unguided", "modality_accuracy",
                                          "finding_accuracy", "memorised_share") if ov.get(key) is not None},
-        "generation": result, "sampling": sampling, "prompts_from": f"{split} records ({len(chosen)} prompts)",
+        "generation": result, "memorisation": copy_cal or {"thresholds": "fixed", "cosine": float(ev.memorisation.cos_threshold),
+                                                          "ssim": float(ev.memorisation.ssim_threshold)},
+        "sampling": sampling, "prompts_from": f"{split} records ({len(chosen)} prompts)",
         "evaluator": public(fitted), "data": dm.summary(), "tables": {"generated": str(table)},
         "trust_thresholds": to_plain(ev.trust), **dict(extra or {})}
     attr_cols = [c for c in per_image.columns if c.startswith("asked_") and c not in ("asked_modality",)]
@@ -261,13 +270,59 @@ def evaluate_generator(task: Any, dm: Any, split: str, out_dir: Path, evaluation
                                                       [c[6:] for c in attr_cols if c[6:] not in ("text", "finding",
                                                                                                    "side", "size")],
                                                       cols, int(ev.subgroups.min_group_size), int(ev.subgroups.bootstrap))
-    write_json(out_dir / "metrics" / f"{split}_generation.json", {"split": split, **result, "sampling": sampling,
-                                                                   "feature_network": public(fitted).get("feature_network")})
+    summary = {"split": split, **result, "memorisation": metrics["memorisation"], "sampling": sampling,
+               "feature_network": public(fitted).get("feature_network")}
+    write_json(out_dir / "metrics" / f"{split}_generation.json", summary)
     if split == "test" or not dm.has_split("test"):
-        write_json(out_dir / "metrics" / "generation.json", {"split": split, **result, "sampling": sampling,
-                                                               "feature_network": public(fitted).get("feature_network")})
+        write_json(out_dir / "metrics" / "generation.json", summary)
     write_json(out_dir / "metrics" / f"{split}.json", metrics)
     return EvalResult(split, task.task_name, task.metric_group, metrics, {"generated": table}, figures)
+
+
+def copy_thresholds(task: Any, dm: Any, split: str, items: Mapping[str, Any], net: EvaluatorNet,
+                    train_imgs: torch.Tensor, train_feats: torch.Tensor, mc: Any) -> dict[str, Any] | None:
+    """Near-copy thresholds per modality fitted on the real images of ``mc.calibrate_on`` (a split
+    held out from training) against the training images; ``None`` when ``calibrate_on`` is null
+    (the fixed ``cos_threshold`` / ``ssim_threshold`` then apply).
+
+    Also the share of real images flagged: on the calibration images themselves (in-sample, about
+    ``2 (1 - quantile)`` by construction) and, when another split is evaluated, on its real images
+    (out-of-sample: the null rate a generator that never copies would show).
+    """
+    cal_split = mc.get("calibrate_on")
+    if not cal_split:
+        return None
+    cal_split = str(cal_split)
+    if cal_split == "train":
+        raise ValueError("evaluation.memorisation.calibrate_on=train: the thresholds must come from real images held "
+                         "out from the generator's training set (val)")
+    if not dm.has_split(cal_split):
+        raise ValueError(f"evaluation.memorisation.calibrate_on={cal_split}: the data has no such split")
+    cal_items = items if cal_split == split else split_items(dm, cal_split)
+    topk = int(mc.topk)
+
+    def real_rows(it: Mapping[str, Any]) -> pd.DataFrame:
+        r = gm.nearest_training(predict(net, it["images"])["features"], train_feats, it["images"], train_imgs,
+                                cos_threshold=float("inf"), ssim_threshold=float("inf"), topk_ssim=topk)
+        df = pd.DataFrame(r["rows"])
+        df["modality"] = [task.modalities[int(m)] for m in it["modality"]]
+        return df
+
+    rows = real_rows(cal_items)
+    cal = gm.calibrate_copy_thresholds(rows["cosine"], rows["ssim"], rows["modality"], quantile=float(mc.quantile),
+                                       min_images=int(mc.min_images))
+
+    def flagged(df: pd.DataFrame) -> np.ndarray:
+        t = [cal["groups"].get(m, cal["pooled"]) for m in df["modality"]]
+        return ((df["cosine"].to_numpy() >= [x["cosine"] for x in t]) | (df["ssim"].to_numpy() >= [x["ssim"] for x in t]))
+
+    cal.update(fitted_on=f"{cal_split} ({len(rows)} real images, each against its nearest of {len(train_imgs)} train images)",
+               real_flag_rate_in_sample=float(flagged(rows).mean()))
+    if cal_split != split:
+        other = real_rows(items)
+        share = gm.share_with_ci(flagged(other), n_boot=200, seed=0)
+        cal["real_flag_rate"] = {"split": split, "value": share["value"], "ci95": share["ci95"], "n": share["n"]}
+    return cal
 
 
 def _real_of(items: Mapping[str, Any], mods: Sequence[int]) -> np.ndarray:

@@ -19,12 +19,16 @@ import torch.nn.functional as F
 
 
 class EvaluatorNet(nn.Module):
-    """Four conv blocks + global pooling -> ``feature_dim`` features, one linear head per target.
+    """Four conv blocks -> global pooling -> ``feature_dim`` features (FID / KID / memorisation), and
+    one linear head per target on the same maps pooled over a ``head_grid`` × ``head_grid`` grid.
 
-    Inputs are images in [0, 1] (any square size; pooled at the end).
+    The heads need the grid: globally pooled features are (nearly) translation invariant, so they
+    cannot tell on which side of an image a finding is where the anatomy is symmetric (a fundus
+    whose optic disc is on either side); with ``head_grid=1`` the fundus side accuracy on real
+    images is at chance. Inputs are images in [0, 1] (any square size).
     """
 
-    def __init__(self, heads: Mapping[str, int], channels: int = 3, width: int = 32) -> None:
+    def __init__(self, heads: Mapping[str, int], channels: int = 3, width: int = 32, head_grid: int = 2) -> None:
         super().__init__()
         w = int(width)
         layers: list[nn.Module] = []
@@ -35,15 +39,24 @@ class EvaluatorNet(nn.Module):
             c_in = c
         self.body = nn.Sequential(*layers)
         self.feature_dim = c_in
+        self.head_grid = int(head_grid)
+        if self.head_grid < 1:
+            raise ValueError(f"evaluation.evaluator.head_grid must be >= 1, got {head_grid}")
         self.head_sizes = {str(k): int(v) for k, v in heads.items()}
-        self.heads = nn.ModuleDict({k: nn.Linear(c_in, n) for k, n in self.head_sizes.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(c_in * self.head_grid ** 2, n) for k, n in self.head_sizes.items()})
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x - 0.5) / 0.25)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.body((x - 0.5) / 0.25), 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.maps(x), 1).flatten(1)
+
+    def _heads(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = F.adaptive_avg_pool2d(m, self.head_grid).flatten(1)
+        return {k: h(g) for k, h in self.heads.items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.features(x)
-        return {k: h(f) for k, h in self.heads.items()}
+        return self._heads(self.maps(x))
 
 
 class FeatureModule(nn.Module):
@@ -61,7 +74,7 @@ class FeatureModule(nn.Module):
 
 
 def train_evaluator(images: torch.Tensor, targets: Mapping[str, torch.Tensor], epochs: int = 6, batch_size: int = 64,
-                    lr: float = 2e-3, width: int = 32, seed: int = 0) -> EvaluatorNet:
+                    lr: float = 2e-3, width: int = 32, seed: int = 0, head_grid: int = 2) -> EvaluatorNet:
     """Train an :class:`EvaluatorNet` on ``images`` (N×C×H×W in [0, 1]) for each target (N class indices).
 
     Light augmentation (brightness/contrast jitter, small shifts; no flips: they would swap the
@@ -70,7 +83,7 @@ def train_evaluator(images: torch.Tensor, targets: Mapping[str, torch.Tensor], e
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
     heads = {k: int(v.max()) + 1 for k, v in targets.items()}
-    net = EvaluatorNet(heads, images.shape[1], width)
+    net = EvaluatorNet(heads, images.shape[1], width, head_grid)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     n = len(images)
     steps = max(1, epochs * ((n + batch_size - 1) // batch_size))
@@ -102,11 +115,10 @@ def predict(net: EvaluatorNet, images: torch.Tensor, batch_size: int = 128) -> d
     net.eval()
     feats, outs = [], {k: [] for k in net.heads}
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        f = net.features(x)
-        feats.append(f)
-        for k, h in net.heads.items():
-            outs[k].append(h(f).softmax(1))
+        m = net.maps(images[i:i + batch_size])
+        feats.append(F.adaptive_avg_pool2d(m, 1).flatten(1))
+        for k, v in net._heads(m).items():
+            outs[k].append(v.softmax(1))
     res: dict[str, Any] = {"features": torch.cat(feats) if feats else torch.empty(0, net.feature_dim)}
     for k, v in outs.items():
         p = torch.cat(v) if v else torch.empty(0, net.head_sizes[k])

@@ -442,7 +442,7 @@ def nearest_cosine(query: torch.Tensor, reference: torch.Tensor, k: int = 1,
 
 
 def nearest_training(fake_feats: torch.Tensor, train_feats: torch.Tensor, fake_imgs: torch.Tensor,
-                     train_imgs: torch.Tensor, cos_threshold: float = 0.95, ssim_threshold: float = 0.9, *,
+                     train_imgs: torch.Tensor, cos_threshold: Any = 0.95, ssim_threshold: Any = 0.9, *,
                      topk_ssim: int = 5, chunk_size: int = 1024, ssim_batch: int = 256, n_boot: int = 1000,
                      seed: int = 0) -> dict[str, Any]:
     """For each generated image, its nearest training image (feature cosine) and the best SSIM among
@@ -455,7 +455,8 @@ def nearest_training(fake_feats: torch.Tensor, train_feats: torch.Tensor, fake_i
     Args:
         fake_feats, train_feats: N×D and M×D features (e.g. the judge's or Inception's).
         fake_imgs, train_imgs: N×C×H×W and M×C×H×W in [0, 1], aligned with the features.
-        cos_threshold, ssim_threshold: the near-copy thresholds.
+        cos_threshold, ssim_threshold: the near-copy thresholds: one value, or one per generated
+            image (e.g. per modality, from :func:`calibrate_copy_thresholds`).
         topk_ssim: cosine neighbours whose SSIM is computed (capped by M).
         chunk_size: query rows per cosine product (:func:`nearest_cosine`).
         ssim_batch: image pairs per SSIM batch.
@@ -490,11 +491,54 @@ def nearest_training(fake_feats: torch.Tensor, train_feats: torch.Tensor, fake_i
     ssim = torch.cat([pairwise_similarity(fake_imgs[pair_fake[s:s + ssim_batch]], train_imgs[pair_train[s:s + ssim_batch]], st)
                       for s in range(0, len(pair_fake), int(ssim_batch))]).double().reshape(n, k)
     best_ssim, best_j = ssim.max(1)
-    flags = (cos[:, 0] >= cos_threshold) | (best_ssim >= ssim_threshold)
+    flags = ((cos[:, 0] >= torch.as_tensor(cos_threshold, dtype=cos.dtype))
+             | (best_ssim >= torch.as_tensor(ssim_threshold, dtype=best_ssim.dtype)))
     out["rows"] = [{"fake": i, "nearest": int(idx[i, 0]), "cosine": float(cos[i, 0]), "ssim": float(best_ssim[i]),
                     "ssim_nearest": int(idx[i, best_j[i]]), "near_copy": bool(flags[i])} for i in range(n)]
     share = share_with_ci(flags.numpy(), n_boot=n_boot, seed=seed)
     out.update(memorised_share=share["value"], memorised_share_ci=share["ci95"])
+    return out
+
+
+def calibrate_copy_thresholds(cosine: Sequence[float], ssim: Sequence[float], groups: Sequence[str], *,
+                              quantile: float = 0.99, min_images: int = 20) -> dict[str, Any]:
+    """Near-copy thresholds fitted on REAL held-out images: per group (modality), the ``quantile`` of
+    their nearest-training-image cosine and best SSIM.
+
+    A held-out real image is, by definition, not a copy of a training image; on data as repetitive
+    as a phantom its nearest training image is already very similar (cosine > 0.99), so fixed
+    thresholds call every fresh sample a copy. Calibrated here, a generator that samples fresh
+    images from the data distribution flags at most about ``2 (1 - quantile)`` of them (the null
+    rate); a generator that copies flags more. Groups with fewer than ``min_images`` real images
+    use the thresholds of all groups pooled.
+
+    Args:
+        cosine, ssim: per real held-out image, as ``rows`` of :func:`nearest_training`.
+        groups: each image's group (e.g. its modality name).
+
+    Returns:
+        ``{"quantile", "pooled": {"cosine", "ssim", "n"}, "groups": {g: {"cosine", "ssim", "n", "pooled"}}}``.
+
+    Raises:
+        ValueError: lengths differ, no images, or a quantile outside (0, 1).
+    """
+    c, s_, g = np.asarray(cosine, float), np.asarray(ssim, float), np.asarray(groups, dtype=object)
+    if not len(c) == len(s_) == len(g):
+        raise ValueError(f"cosine, ssim and groups differ in length: {len(c)}, {len(s_)}, {len(g)}")
+    if len(c) == 0:
+        raise ValueError("near-copy thresholds need real held-out images; got none")
+    if not 0 < float(quantile) < 1:
+        raise ValueError(f"evaluation.memorisation.quantile must be in (0, 1), got {quantile}")
+    q = float(quantile)
+    pooled = {"cosine": float(np.quantile(c, q)), "ssim": float(np.quantile(s_, q)), "n": int(len(c))}
+    out: dict[str, Any] = {"quantile": q, "pooled": pooled, "groups": {}}
+    for name in dict.fromkeys(g.tolist()):
+        sel = g == name
+        if int(sel.sum()) >= int(min_images):
+            out["groups"][str(name)] = {"cosine": float(np.quantile(c[sel], q)), "ssim": float(np.quantile(s_[sel], q)),
+                                        "n": int(sel.sum()), "pooled": False}
+        else:
+            out["groups"][str(name)] = {**pooled, "n": int(sel.sum()), "pooled": True}
     return out
 
 

@@ -39,7 +39,15 @@ def generation_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]])
     if first is None:
         return []
     ev = first.get("evaluator") or {}
+    cal = first.get("memorisation") or {}
+    memo_rows = [{"modality": g, "cosine ≥": v.get("cosine"), "SSIM ≥": v.get("ssim"), "real images": v.get("n"),
+                  "pooled": v.get("pooled")} for g, v in (cal.get("groups") or {}).items()]
+    real_rate = cal.get("real_flag_rate") or {}
     return [ReportSection("generation/generation.html.j2", {
+        "memo_rows": memo_rows, "memo_fitted_on": cal.get("fitted_on"), "memo_quantile": cal.get("quantile"),
+        "memo_in_sample": cal.get("real_flag_rate_in_sample"),
+        "memo_real_rate": (f"{real_rate['value']:.3f} {fmt_ci(real_rate.get('ci95'))} on {real_rate.get('n')} real "
+                           f"{real_rate.get('split')} images" if real_rate.get("value") is not None else None),
         "per_split": per_split, "alignment_rows": align_rows, "k": first.get("samples_per_prompt"),
         "sampling": ", ".join(f"{k} {v}" for k, v in (first.get("sampling") or {}).items()),
         "feature_network": ev.get("feature_network", "unknown"), "fitted_on": ev.get("fitted_on", "?"),
@@ -55,6 +63,9 @@ def generation_trust_lines(run_dir: Path, metrics: Mapping[str, Mapping[str, Any
     th = m.get("trust_thresholds") or {}
     where = f"{split} prompts ({m.get('n_images')} generated images)"
     judged = "weights: train; judge: evaluator CNN trained on real train images"
+    cal = m.get("memorisation") or {}
+    judged_copy = (f"{judged}; near-copy thresholds fitted on {cal['fitted_on']} (q = {cal.get('quantile')})"
+                   if cal.get("fitted_on") else f"{judged}; fixed near-copy thresholds (not calibrated)")
     lines = [threshold_line("accuracy", "modality accuracy of generated images", ov.get("modality_accuracy"),
                             ov.get("modality_accuracy_ci"), float(th.get("modality_accuracy_min", 0.95)), True,
                             ("modality faithful", "modality unfaithful"), judged, where),
@@ -63,7 +74,7 @@ def generation_trust_lines(run_dir: Path, metrics: Mapping[str, Mapping[str, Any
                             ("finding faithful", "finding unfaithful"), judged, where),
              threshold_line("memorisation", "near copies of training images", ov.get("memorised_share"),
                             ov.get("memorised_share_ci"), float(th.get("memorised_share_max", 0.05)), False,
-                            ("not memorising", "memorising"), judged, where)]
+                            ("not memorising", "memorising"), judged_copy, where)]
     c = ov.get("alignment_guided_vs_unguided")
     if isinstance(c, Mapping):
         lines.append(threshold_line("alignment", "alignment gain from guidance", c.get("diff"), c.get("ci95"), 0.0, True,

@@ -24,7 +24,8 @@ from medtrust.runs.builders import (
     split_digest,
     task_class,
 )
-from medtrust.runs.rundir import RunDirError, allow_targets, check_run_dir, claim_run_dir, find_checkpoint
+from medtrust.runs.rundir import (RunDirError, allow_targets, check_run_dir, claim_run_dir, find_checkpoint,
+                                  load_run_config)
 from medtrust.utils.io import atomic_write_bytes, write_csv, write_json
 from medtrust.utils.logging import get_logger
 
@@ -63,9 +64,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         extra.update({"contains_training_images": True,
                       "in_sample": ["all (split=all on the run's own data includes its training, calibration and "
                                     "validation images)"]})
-    fitted = cls.load_post_fit(run_dir)
-    if fitted:
-        extra["fitted_from"] = str(run_dir)
+    if cfg.get("refit"):
+        # fitted again on the run's data splits (not the evaluated file) with this evaluation's settings
+        fitted = task.post_fit(instantiate(load_run_config(run_dir).data), out_dir, evaluation_config_for(run_cfg, cfg))
+        extra["fitted_from"] = f"refit=true: fitted again into {out_dir}"
+    else:
+        fitted = cls.load_post_fit(run_dir)
+        if fitted:
+            extra["fitted_from"] = str(run_dir)
     result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation_config_for(run_cfg, cfg), extra, fitted)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(run_cfg, resolve=True).encode())
     build_run_report(out_dir, task=cls, title=f"medtrust evaluation of {run_dir.name}")

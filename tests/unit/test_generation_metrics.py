@@ -229,6 +229,77 @@ def test_planted_copies_are_found_exactly():
         gm.nearest_training(feats(fake), feats(train), fake[:3], train)
 
 
+def test_copy_thresholds_calibrated_on_held_out_images_keep_fresh_samples_and_flag_copies():
+    """Data as repetitive as a phantom: every fresh sample is very close to some training image, so a
+    fixed cosine threshold of 0.95 calls fresh samples copies; thresholds fitted on held-out real
+    images flag about 2 (1 - q) of fresh samples and every planted copy."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(1, 3, 32, 32, generator=g)
+
+    def draw(n: int) -> torch.Tensor:  # one template with small smooth variations
+        return (base + 0.08 * F.interpolate(torch.rand(n, 3, 4, 4, generator=g) - 0.5, size=32, mode="bilinear")
+                + 0.02 * torch.rand(n, 3, 32, 32, generator=g)).clamp(0, 1)
+
+    train, val, fresh = draw(120), draw(200), draw(200)
+    copies = (train[:40] + 0.003 * torch.rand(40, 3, 32, 32, generator=g)).clamp(0, 1)
+    feats = lambda x: x.flatten(1)  # noqa: E731
+    fixed = gm.nearest_training(feats(fresh), feats(train), fresh, train, cos_threshold=0.95, ssim_threshold=0.9)
+    assert fixed["memorised_share"] > 0.9  # the defect calibration fixes
+    real = gm.nearest_training(feats(val), feats(train), val, train, cos_threshold=float("inf"),
+                               ssim_threshold=float("inf"))
+    assert real["memorised_share"] == 0
+    rows = real["rows"]
+    groups = ["a"] * 150 + ["b"] * 50
+    cal = gm.calibrate_copy_thresholds([r["cosine"] for r in rows], [r["ssim"] for r in rows], groups, quantile=0.99,
+                                       min_images=60)
+    assert cal["groups"]["a"]["n"] == 150 and not cal["groups"]["a"]["pooled"]
+    assert cal["groups"]["b"]["pooled"] and cal["groups"]["b"]["cosine"] == cal["pooled"]["cosine"]
+    assert cal["groups"]["a"]["cosine"] == pytest.approx(np.quantile([r["cosine"] for r in rows[:150]], 0.99))
+    thr = cal["pooled"]
+    ok = gm.nearest_training(feats(fresh), feats(train), fresh, train, cos_threshold=thr["cosine"],
+                             ssim_threshold=thr["ssim"])
+    assert ok["memorised_share"] <= 0.06
+    bad = gm.nearest_training(feats(copies), feats(train), copies, train, cos_threshold=thr["cosine"],
+                              ssim_threshold=thr["ssim"])
+    assert bad["memorised_share"] == 1.0
+    # per-image thresholds (one per generated image, e.g. by modality) broadcast row by row
+    per = gm.nearest_training(feats(copies[:2]), feats(train), copies[:2], train,
+                              cos_threshold=torch.tensor([2.0, 0.0], dtype=torch.float64),
+                              ssim_threshold=torch.tensor([2.0, 2.0], dtype=torch.float64))
+    assert [r["near_copy"] for r in per["rows"]] == [False, True]
+    with pytest.raises(ValueError, match="quantile"):
+        gm.calibrate_copy_thresholds([0.5], [0.5], ["a"], quantile=1.0)
+    with pytest.raises(ValueError, match="held-out"):
+        gm.calibrate_copy_thresholds([], [], [])
+
+
+def test_evaluator_heads_tell_the_side_of_a_finding_on_a_symmetric_image():
+    """Left/right is the only signal (a blob on one side of a mirror-symmetric background): the grid
+    heads learn it; the globally pooled FID features stay the same shape."""
+    from medtrust.generation.evaluator import EvaluatorNet, predict, train_evaluator
+
+    def make(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        side = torch.randint(0, 2, (n,), generator=g)
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+        bg = 0.3 + 0.2 * torch.exp(-(xx ** 2 + yy ** 2) / 0.3)
+        imgs = bg.expand(n, 3, 32, 32).clone() + 0.03 * torch.randn(n, 3, 32, 32, generator=g)
+        for i, s in enumerate(side.tolist()):
+            cy = float(torch.empty(1).uniform_(-0.5, 0.5, generator=g))
+            cx = (0.5 if s else -0.5) + float(torch.empty(1).uniform_(-0.1, 0.1, generator=g))
+            imgs[i] += 0.35 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
+        return imgs.clamp(0, 1), side
+
+    x, y = make(256, 0)
+    xt, yt = make(128, 1)
+    net = train_evaluator(x, {"side": y}, epochs=8, batch_size=32, width=8, seed=0, head_grid=2)
+    p = predict(net, xt)
+    assert float((p["side"] == yt).float().mean()) >= 0.95
+    assert p["features"].shape == (128, net.feature_dim) and net.heads["side"].in_features == 4 * net.feature_dim
+    with pytest.raises(ValueError, match="head_grid"):
+        EvaluatorNet({"side": 2}, head_grid=0)
+
+
 # -- alignment -----------------------------------------------------------------------------------------
 def _shapes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n 32-px images of a coloured square or disk on noise; class = colour (3) × shape (2)."""
