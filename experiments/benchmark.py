@@ -19,6 +19,14 @@ Rows:
                   (default config, all epochs, validation on): overhead ratio (target <= 0.15).
   wandb_overhead  fit time with logger=wandb (offline) / logger=csv.
   ddp             trainer=ddp on 2 CPU processes vs 1 process with 2 threads (fit time ratio).
+  gen_throughput  training images/s of the generator task (experiment=minim, 400 phantom images,
+                  untrained VAE: throughput does not depend on weights) against diffusers'
+                  text-to-image loop written out with the same UNet, VAE, text encoder, batch,
+                  clipping, EMAModel and loader. Target ratio >= 0.90.
+  lora_step       step time of LoRA (the seed's targets) vs full training of the same UNet and batch,
+                  and LoRA's trainable share of the UNet (target <= 5 %).
+  gen_samplers    (not in the default set) s/image and FID with a bootstrap CI of DDIM 50 / DDIM 25 /
+                  DPM-Solver++ 10 on the test prompts of --generator-run <experiment=minim run>.
   seg_flops       achieved FLOP/s of one Attention U-Net training step (counted with
                   torch.utils.flop_counter) as a fraction of this machine's fp32 matmul FLOP/s,
                   both measured in this run.
@@ -355,14 +363,175 @@ def row_ddp(args) -> dict:
             "epochs": args.epochs}
 
 
+# -- generator (MINIM) -------------------------------------------------------------------------------
+GEN_BASE = ["experiment=minim", "model.vae_run=null", "model.allow_untrained_vae=true", "data.source.n_images=400", "callbacks.early_stopping=null"]
+
+
+def plain_diffusers_epochs(cfg, dm, epochs: int) -> list[float]:
+    """diffusers' text-to-image training loop written out (as in its train_text_to_image example):
+    VAE encode, add noise, UNet with the text states, MSE, backward, clip, AdamW + OneCycle, EMAModel.
+    The same UNet, condition encoder, VAE, text encoder, batch and loader as the medtrust task."""
+    from diffusers.training_utils import EMAModel
+
+    L.seed_everything(0, workers=True, verbose=False)
+    task = build_task(cfg)
+    den, vae, te, sched = task.denoiser, task.vae, task.text_encoder, task.noise_scheduler
+    opt = torch.optim.AdamW([p for p in den.parameters() if p.requires_grad], lr=cfg.model.optimizer.lr,
+                            weight_decay=cfg.model.optimizer.weight_decay)
+    loader = dm.train_dataloader()
+    lr_s = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.model.optimizer.lr, total_steps=epochs * len(loader),
+                                               pct_start=cfg.model.scheduler.pct_start)
+    ema = EMAModel(den.parameters(), decay=float(cfg.model.ema.decay))
+    clip = float(cfg.trainer.gradient_clip_val or 0)
+    den.train()
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        for batch in loader:
+            with torch.no_grad():
+                z = vae.encode(batch["image"]).latent_dist.sample() * task.latent_scale
+            noise = torch.randn_like(z)
+            ts = torch.randint(0, sched.config.num_train_timesteps, (len(z),))
+            states, mask, pooled = te(list(batch["text"]))
+            pred = den(sched.add_noise(z, noise, ts), ts, states, mask, pooled, torch.as_tensor(batch["modality"]))
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(den.parameters(), clip)
+            opt.step()
+            lr_s.step()
+            ema.step(den.parameters())
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def row_gen_throughput(args) -> dict:
+    """Training images/s of the generator task (Lightning, default callbacks, CSV logger, EMA) vs
+    :func:`plain_diffusers_epochs`, interleaved; target ratio >= 0.90."""
+    out = Path(args.out) / "gen_throughput"
+    cfg = compose_cfg([*GEN_BASE, *args.overrides], out)
+    torch.set_num_threads(int(cfg.threads))
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    n = len(dm.dataset("train"))
+    med, plain = [], []
+    for rep in range(args.repeats):
+        plain += plain_diffusers_epochs(cfg, dm, args.epochs)[1:]
+        med += medtrust_epochs(cfg, dm, args.epochs, out / f"rep{rep}")[1:]
+    ips_med, ips_plain = n / statistics.median(med), n / statistics.median(plain)
+    return {"row": "gen_throughput", "medtrust_img_per_s": round(ips_med, 2), "plain_img_per_s": round(ips_plain, 2),
+            "ratio": round(ips_med / ips_plain, 3), "target": ">= 0.90", "images_per_epoch": n,
+            "epochs_timed": len(med), "threads": int(cfg.threads), "batch_size": int(cfg.data.batch_size),
+            "image_size": list(cfg.data.image_size)}
+
+
+def _gen_step(cfg, lora: bool):
+    """One training step (loss, backward, AdamW) of the generator task on a synthetic batch."""
+    over = {"model": {"lora": {"enabled": lora}}}
+    from omegaconf import OmegaConf
+
+    task = build_task(OmegaConf.merge(cfg, over))
+    task.train()
+    opt = torch.optim.AdamW([p for p in task.denoiser.parameters() if p.requires_grad], lr=1e-4)
+    b, (h, w) = int(cfg.data.batch_size), cfg.data.image_size
+    batch = {"image": torch.rand(b, int(cfg.data.channels), int(h), int(w)) * 2 - 1,
+             "text": [f"chest X-ray: large opacity in the {('left', 'right')[i % 2]} lower lung" for i in range(b)],
+             "modality": torch.zeros(b, dtype=torch.long)}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        task.training_step(batch, 0).backward()
+        opt.step()
+
+    unet = task.denoiser.unet
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    return step, trainable, sum(p.numel() for p in unet.parameters())
+
+
+def row_lora_step(args) -> dict:
+    """Step time of LoRA fine-tuning (model.lora.enabled=true, the seed's targets) vs full training of
+    the same UNet and batch, and the trainable share of the UNet's parameters (target <= 5 %)."""
+    cfg = compose_cfg([*GEN_BASE, *args.overrides], Path(args.out) / "lora_step")
+    torch.set_num_threads(int(cfg.threads))
+    full, n_full, total = _gen_step(cfg, False)
+    lora, n_lora, _ = _gen_step(cfg, True)
+    tf, tl = [], []
+    for _ in range(args.repeats):
+        tf.append(time_steps(full, args.flop_steps))
+        tl.append(time_steps(lora, args.flop_steps))
+    f, lo = statistics.median(tf), statistics.median(tl)
+    return {"row": "lora_step", "full_s_per_step": round(f, 3), "lora_s_per_step": round(lo, 3),
+            "ratio": round(lo / f, 3), "lora_trainable_share": round(n_lora / total, 4), "unet_parameters": total,
+            "target": "share <= 0.05", "batch_size": int(cfg.data.batch_size)}
+
+
+def row_gen_samplers(args) -> dict:
+    """Seconds per image and FID (evaluator features, bootstrap 95 % CI over the generated images) of
+    DDIM 50, DDIM 25 and DPM-Solver++ 10 on the same prompts and seeds of a trained generator run
+    (``--generator-run``): the test prompts, the run's guidance, against the real test images."""
+    import numpy as np
+
+    from medtrust.evaluation.generation import choose_prompts, load_evaluators, split_items
+    from medtrust.generation.evaluator import predict
+    from medtrust.metrics import generation as gm
+    from medtrust.runs.builders import rebuild_task
+    from medtrust.runs.rundir import find_checkpoint, load_run_config
+
+    if not args.generator_run:
+        raise SystemExit("--rows gen_samplers needs --generator-run <a finished experiment=minim run folder>")
+    run = Path(args.generator_run)
+    rcfg = load_run_config(run)
+    torch.set_num_threads(int(rcfg.threads or 2))
+    task = rebuild_task(rcfg, find_checkpoint(run, "best")).eval()
+    fitted = load_evaluators(run)
+    if fitted is None:
+        raise SystemExit(f"{run}: no evaluator/ folder (a finished generator run writes it)")
+    net = fitted["_evaluator"]
+    dm = instantiate(rcfg.data)
+    items = split_items(dm, "test")
+    chosen = choose_prompts(items, task.modalities, args.gen_prompts, 0)
+    prompts = [items["texts"][i] for i in chosen]
+    mods = [int(items["modality"][i]) for i in chosen]
+    seeds = list(range(len(prompts)))
+    real = predict(net, items["images"])["features"]
+    out: dict = {"row": "gen_samplers", "images": len(prompts), "real_test_images": len(real), "run": str(run)}
+    rng = np.random.default_rng(0)
+    boots = [rng.integers(0, len(prompts), len(prompts)) for _ in range(args.gen_boot)]
+    ref: list[float] | None = None
+    for name, sampler, steps in (("ddim50", "ddim", 50), ("ddim25", "ddim", 25), ("dpmpp10", "dpmsolver++", 10)):
+        t = time.perf_counter()
+        imgs = task.generate(prompts, mods, seeds, sampler=sampler, steps=steps)
+        sec = (time.perf_counter() - t) / len(prompts)
+        f = predict(net, imgs)["features"]
+        fid = float(gm.fid_kid_from_features(real, f, 10)["fid"])
+        bs = [float(gm.fid_kid_from_features(real, f[b], 10)["fid"]) for b in boots]
+        out.update({f"{name}_s_per_image": round(sec, 3), f"{name}_fid": round(fid, 3)})
+        if ref is None:
+            ref, ref_fid = bs, fid
+            continue
+        # paired: the same resampled prompts/seeds for both samplers (bootstrap FID is biased upward
+        # by duplicates; the bias cancels in the difference)
+        d = np.asarray(bs) - np.asarray(ref)
+        ci = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+        out.update({f"{name}_fid_minus_ddim50": round(fid - ref_fid, 3), f"{name}_diff_ci": [round(c, 3) for c in ci],
+                    f"{name}_equal_fid": bool(ci[0] <= 0 <= ci[1])})
+    return out
+
+
 ROWS = {"seg_throughput": row_seg_throughput, "seg_flops": row_seg_flops, "seg_dropout": row_seg_dropout,
         "mc_dropout": row_mc_dropout, "scorecam": row_scorecam, "xai_callback": row_xai_callback,
-        "wandb_overhead": row_wandb_overhead, "ddp": row_ddp}
+        "wandb_overhead": row_wandb_overhead, "ddp": row_ddp, "gen_throughput": row_gen_throughput,
+        "lora_step": row_lora_step, "gen_samplers": row_gen_samplers}
+DEFAULT_ROWS = [r for r in ROWS if r != "gen_samplers"]  # gen_samplers needs a trained generator run
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated subset of {list(ROWS)}")
+    p.add_argument("--generator-run", default=None, help="gen_samplers: a finished experiment=minim run folder")
+    p.add_argument("--gen-prompts", type=int, default=16, help="gen_samplers: test prompts per modality")
+    p.add_argument("--gen-boot", type=int, default=200, help="gen_samplers: bootstrap resamples of the FID CI")
     p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each loop")
     p.add_argument("--flop-steps", type=int, default=5)

@@ -311,6 +311,8 @@ def copy_thresholds(task: Any, dm: Any, split: str, items: Mapping[str, Any], ne
     rows = real_rows(cal_items)
     cal = gm.calibrate_copy_thresholds(rows["cosine"], rows["ssim"], rows["modality"], quantile=float(mc.quantile),
                                        min_images=int(mc.min_images))
+    for m in task.modalities:  # a modality without real calibration images takes the pooled thresholds
+        cal["groups"].setdefault(m, {**cal["pooled"], "n": 0, "pooled": True})
 
     def flagged(df: pd.DataFrame) -> np.ndarray:
         t = [cal["groups"].get(m, cal["pooled"]) for m in df["modality"]]

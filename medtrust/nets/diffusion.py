@@ -221,7 +221,9 @@ def autoencoder_from_folder(path: str) -> nn.Module:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model.vae.path={path}: no diffusers AutoencoderKL folder at {p} "
                                 "(expected config.json and diffusion_pytorch_model.safetensors)")
-    return AutoencoderKL.from_pretrained(str(p))
+    vae = AutoencoderKL.from_pretrained(str(p))
+    vae.medtrust_source = str(p)  # trained weights: stage 2 needs no model.vae_run
+    return vae
 
 
 def conditional_unet(sample_size: int = 16, in_channels: int = 4, block_out_channels: Sequence[int] = (64, 128, 128),

@@ -77,6 +77,8 @@ class GenerationTask(TaskBase):
         scaling_factor: the latent scaling factor when no ``vae_run`` gives it.
         val_timesteps: fixed timesteps of the validation loss (same noise every epoch).
         init_from: a checkpoint whose matching weights initialise the task (LoRA: the base generator).
+        allow_untrained_vae: fit without ``vae_run``, ``init_from`` or a pretrained VAE folder (timing
+            benchmarks only: the latents of a random autoencoder mean nothing).
     """
 
     task_name: ClassVar[str] = "generation"
@@ -90,7 +92,8 @@ class GenerationTask(TaskBase):
                  lora: Mapping[str, Any] | None = None, sampling: Mapping[str, Any] | None = None,
                  scheduler: Any = None, scheduler_interval: str = "step", vae_run: str | None = None,
                  scaling_factor: float | None = None, val_timesteps: Sequence[int] = (100, 300, 500, 700, 900),
-                 monitor: str = "val/gen/loss", monitor_mode: str = "min", init_from: str | None = None) -> None:
+                 monitor: str = "val/gen/loss", monitor_mode: str = "min", init_from: str | None = None,
+                 allow_untrained_vae: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "vae", "loss", "optimizer", "scheduler"])
         self.modalities = [str(m) for m in modalities]
@@ -162,6 +165,11 @@ class GenerationTask(TaskBase):
 
     # -- stage 1 -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if (stage == "fit" and not self.vae_run and not self.init_report and not getattr(self.vae, "medtrust_source", None)
+                and not self.hparams.get("allow_untrained_vae")):
+            raise ValueError("model.vae_run is not set: stage 2 needs a trained autoencoder, a finished "
+                             "`python train.py experiment=minim_vae` run folder (or model.vae from a pretrained folder, "
+                             "or model.init_from a generator checkpoint)")
         if stage == "fit" and self.vae_run and not self.init_report:
             from medtrust.tasks.autoencoder import read_vae_run
 

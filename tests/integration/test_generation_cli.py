@@ -1,0 +1,70 @@
+"""The two-stage generator end to end on tiny configs (real subprocesses, as a user runs them):
+train.py experiment=minim_vae, then experiment=minim on its run, then evaluate.py with refit=true."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_script
+
+DATA = ["threads=1", "data.source.n_images=60", "data.source.size=32", "data.image_size=[32,32]", "data.batch_size=8",
+        "data.eval_batch_size=16", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+        "trainer.check_val_every_n_epoch=1"]
+VAE = ["model.net.block_out_channels=[8,16]", "model.net.norm_num_groups=8"]
+GEN = ["model.vae.block_out_channels=[8,16]", "model.vae.norm_num_groups=8", "model.unet.block_out_channels=[16,32]",
+       "model.unet.cross_attention_levels=[false,true]", "model.unet.norm_num_groups=8", "model.sampling.steps=2",
+       "evaluation.prompts_per_modality=2", "evaluation.evaluator.epochs=1", "evaluation.alignment.epochs=1",
+       "evaluation.memorisation.min_images=3", "evaluation.bootstrap=50", "evaluation.subgroups.bootstrap=20",
+       "callbacks.samples.every_n_epochs=1", "callbacks.samples.steps=2", "callbacks.samples.per_modality=1"]
+KEYS = ("fid", "kid", "ms_ssim", "alignment", "modality_accuracy", "finding_accuracy", "memorised_share")
+
+
+@pytest.fixture(scope="module")
+def generator_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minim")
+    vae = root / "vae"
+    run_script("train.py", "experiment=minim_vae", *DATA, *VAE, f"hydra.run.dir={vae}")
+    gen = root / "gen"
+    run_script("train.py", "experiment=minim", f"model.vae_run={vae}", *DATA, *GEN, f"hydra.run.dir={gen}")
+    return gen
+
+
+def test_generator_run_writes_every_figure_per_modality_with_calibrated_copy_thresholds(generator_run):
+    g = json.loads((generator_run / "metrics" / "generation.json").read_text())
+    assert g["split"] == "test"
+    assert set(g["modalities"]) == {"cxr", "ct", "mri", "fundus", "oct"}
+    for block in [g["overall"], *g["modalities"].values()]:
+        assert set(KEYS) <= set(block), sorted(set(KEYS) - set(block))
+        assert 0 <= block["modality_accuracy"] <= 1 and 0 <= block["memorised_share"] <= 1
+    mem = g["memorisation"]
+    assert mem["fitted_on"].startswith("val (") and set(mem["groups"]) == set(g["modalities"])
+    # 3 real images per modality at most on this tiny val split: below min_images, so pooled
+    assert all(v["pooled"] == (v["n"] < 3) for v in mem["groups"].values())
+    assert mem["real_flag_rate"]["split"] == "test" and mem["real_flag_rate"]["n"] > 0
+    ev = json.loads((generator_run / "evaluator" / "evaluator.json").read_text())
+    assert ev["head_grid"] == 2 and ev["fitted_on"].startswith("train")
+    assert (generator_run / "report" / "index.html").read_text().count("near-copy thresholds") >= 1
+
+
+def test_evaluate_refit_fits_again_into_its_own_folder_and_leaves_the_run_alone(generator_run, tmp_path):
+    before = hashlib.sha256((generator_run / "evaluator" / "evaluator.pt").read_bytes()).hexdigest()
+    out = tmp_path / "ev"
+    run_script("evaluate.py", f"run_dir={generator_run}", "refit=true", "split=val", "threads=1",
+               "evaluation.evaluator.head_grid=1", "evaluation.evaluator.epochs=1", "evaluation.alignment.epochs=1",
+               "evaluation.prompts_per_modality=1", "evaluation.guidance_ablation=false", "evaluation.bootstrap=50",
+               "evaluation.memorisation.min_images=3", f"hydra.run.dir={out}")
+    assert json.loads((out / "evaluator" / "evaluator.json").read_text())["head_grid"] == 1
+    assert hashlib.sha256((generator_run / "evaluator" / "evaluator.pt").read_bytes()).hexdigest() == before
+    m = json.loads((out / "metrics" / "val.json").read_text())
+    assert m["fitted_from"].startswith("refit=true") and m["n_images"] == 2 * m["n_prompts"] >= 2
+    # on val, the thresholds are fitted on the same real val images: no out-of-sample null rate is claimed
+    assert "real_flag_rate" not in m["memorisation"] and 0 <= m["memorisation"]["real_flag_rate_in_sample"] <= 1
+
+
+def test_stage_two_without_a_stage_one_run_names_the_key(tmp_path):
+    proc = run_script("train.py", "experiment=minim", *DATA, *GEN, f"hydra.run.dir={tmp_path / 'x'}", check=False)
+    assert proc.returncode != 0 and "model.vae_run is not set" in (proc.stdout + proc.stderr)
+    assert not list(Path(tmp_path / "x").rglob("*.ckpt"))  # stopped before any training
