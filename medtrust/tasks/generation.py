@@ -95,6 +95,10 @@ class GenerationTask(TaskBase):
                  monitor: str = "val/gen/loss", monitor_mode: str = "min", init_from: str | None = None,
                  allow_untrained_vae: bool = False) -> None:
         super().__init__()
+        if not (vae_run or init_from or getattr(vae, "medtrust_source", None) or allow_untrained_vae):
+            raise ValueError("model.vae_run is not set: stage 2 needs a trained autoencoder, a finished "
+                             "`python train.py experiment=minim_vae` run folder (or model.vae from a pretrained folder, "
+                             "or model.init_from a generator checkpoint)")
         self.save_hyperparameters(ignore=["unet", "vae", "loss", "optimizer", "scheduler"])
         self.modalities = [str(m) for m in modalities]
         if not self.modalities:
@@ -165,11 +169,6 @@ class GenerationTask(TaskBase):
 
     # -- stage 1 -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if (stage == "fit" and not self.vae_run and not self.init_report and not getattr(self.vae, "medtrust_source", None)
-                and not self.hparams.get("allow_untrained_vae")):
-            raise ValueError("model.vae_run is not set: stage 2 needs a trained autoencoder, a finished "
-                             "`python train.py experiment=minim_vae` run folder (or model.vae from a pretrained folder, "
-                             "or model.init_from a generator checkpoint)")
         if stage == "fit" and self.vae_run and not self.init_report:
             from medtrust.tasks.autoencoder import read_vae_run
 

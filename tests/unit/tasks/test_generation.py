@@ -25,7 +25,12 @@ def tiny_task(**kw) -> GenerationTask:
     vae = autoencoder_kl(3, 4, (16, 32), 1, 8, 32)
     unet = conditional_unet(16, 4, (32, 64), 1, 384, 8, (False, True), 8, 384)
     return GenerationTask(unet, vae, DiffusionLoss(5.0), partial(torch.optim.AdamW, lr=1e-3), MODS,
-                          sampling={"steps": 4}, **kw)
+                          sampling={"steps": 4}, **{"allow_untrained_vae": True, **kw})
+
+
+def test_stage_two_refuses_a_random_autoencoder_without_being_told():
+    with pytest.raises(ValueError, match="model.vae_run is not set"):
+        tiny_task(allow_untrained_vae=False)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +87,8 @@ def test_lora_trains_under_five_percent_of_the_default_unet():
 
     from tests.unit.test_configs import cfg
 
-    c = cfg("model=latent_diffusion", "loss=diffusion", "data=phantom_multimodal", "model.lora.enabled=true")
+    c = cfg("model=latent_diffusion", "loss=diffusion", "data=phantom_multimodal", "model.lora.enabled=true",
+            "model.allow_untrained_vae=true")
     t = instantiate(c.model, loss=instantiate(c.loss), _convert_="all")
     share = t.lora_params["share"]
     trainable_unet = sum(p.numel() for p in t.denoiser.unet.parameters() if p.requires_grad)
