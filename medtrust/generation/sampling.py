@@ -48,13 +48,18 @@ def sampling_scheduler(train_scheduler: Any, sampler: str = "ddim") -> Any:
     """
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+    # timestep_spacing is passed on explicitly: from_config drops keys the training scheduler left at
+    # their defaults, and DPMSolverMultistep's own default ("linspace", starting at t = 999 where the
+    # cosine schedule's signal is ~0) gave 10-step samples at mean |diff| 0.21 from DDIM 50 (FID 52 vs
+    # 3.5 on the phantom generator); with the training scheduler's "leading" spacing: 0.015
+    spacing = {"timestep_spacing": train_scheduler.config.timestep_spacing}
     if sampler == "ddim":
-        return DDIMScheduler.from_config(train_scheduler.config, clip_sample=False, set_alpha_to_one=False)
+        return DDIMScheduler.from_config(train_scheduler.config, clip_sample=False, set_alpha_to_one=False, **spacing)
     if sampler == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
-                                                       solver_order=2)
+                                                       solver_order=2, **spacing)
     if sampler == "ddpm":
-        return DDPMScheduler.from_config(train_scheduler.config)
+        return DDPMScheduler.from_config(train_scheduler.config, **spacing)
     raise ValueError(f"sampling.sampler={sampler!r}; expected one of {SAMPLERS}")
 
 

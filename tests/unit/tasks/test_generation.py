@@ -73,6 +73,14 @@ def test_schedules_and_targets():
             s = training_scheduler(100, beta, pred)
             assert s.config.prediction_type == name
             assert sampling_scheduler(s, "dpmsolver++").config.prediction_type == name
+    # every sampler keeps the training scheduler's timestep spacing (from_config alone gave DPM-Solver++
+    # its own "linspace" default: 10-step samples at FID 52 against DDIM's 3.5)
+    s = training_scheduler(1000, "cosine", "epsilon")
+    ddim, dpm = sampling_scheduler(s, "ddim"), sampling_scheduler(s, "dpmsolver++")
+    assert {ddim.config.timestep_spacing, dpm.config.timestep_spacing, sampling_scheduler(s, "ddpm").config.timestep_spacing} \
+        == {s.config.timestep_spacing}
+    ddim.set_timesteps(10), dpm.set_timesteps(10)
+    assert int(dpm.timesteps[0]) == int(ddim.timesteps[0]) < 999
     s = training_scheduler(100, "cosine", "v")
     z, n, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 90])
     assert torch.allclose(diffusion_target(s, z, n, t), s.get_velocity(z, n, t))
