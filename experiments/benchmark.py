@@ -121,8 +121,13 @@ def row_seg_throughput(args) -> dict:
     for rep in range(args.repeats):  # interleave so drift of the machine hits both equally
         plain += plain_epochs(cfg, dm, args.epochs)[1:]  # first epoch = warm-up
         med += medtrust_epochs(cfg, dm, args.epochs, out / f"rep{rep}")[1:]
+    return throughput_row("seg_throughput", n, med, plain, cfg)
+
+
+def throughput_row(name: str, n: int, med: list[float], plain: list[float], cfg) -> dict:
+    """Images/s of medtrust and of the plain loop from their epoch times, and their ratio."""
     ips_med, ips_plain = n / statistics.median(med), n / statistics.median(plain)
-    return {"row": "seg_throughput", "medtrust_img_per_s": round(ips_med, 2), "plain_img_per_s": round(ips_plain, 2),
+    return {"row": name, "medtrust_img_per_s": round(ips_med, 2), "plain_img_per_s": round(ips_plain, 2),
             "ratio": round(ips_med / ips_plain, 3), "target": ">= 0.90", "images_per_epoch": n,
             "epochs_timed": len(med), "threads": int(cfg.threads), "batch_size": int(cfg.data.batch_size),
             "image_size": list(cfg.data.image_size)}
@@ -419,11 +424,7 @@ def row_gen_throughput(args) -> dict:
     for rep in range(args.repeats):
         plain += plain_diffusers_epochs(cfg, dm, args.epochs)[1:]
         med += medtrust_epochs(cfg, dm, args.epochs, out / f"rep{rep}")[1:]
-    ips_med, ips_plain = n / statistics.median(med), n / statistics.median(plain)
-    return {"row": "gen_throughput", "medtrust_img_per_s": round(ips_med, 2), "plain_img_per_s": round(ips_plain, 2),
-            "ratio": round(ips_med / ips_plain, 3), "target": ">= 0.90", "images_per_epoch": n,
-            "epochs_timed": len(med), "threads": int(cfg.threads), "batch_size": int(cfg.data.batch_size),
-            "image_size": list(cfg.data.image_size)}
+    return throughput_row("gen_throughput", n, med, plain, cfg)
 
 
 def _gen_step(cfg, lora: bool):
