@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import run_script
@@ -36,9 +37,14 @@ def test_generator_run_writes_every_figure_per_modality_with_calibrated_copy_thr
     g = json.loads((generator_run / "metrics" / "generation.json").read_text())
     assert g["split"] == "test"
     assert set(g["modalities"]) == {"cxr", "ct", "mri", "fundus", "oct"}
-    for block in [g["overall"], *g["modalities"].values()]:
+    per = pd.read_csv(generator_run / "metrics" / "test_generated.csv")
+    for name, block in [("overall", g["overall"]), *g["modalities"].items()]:
         assert set(KEYS) <= set(block), sorted(set(KEYS) - set(block))
-        assert 0 <= block["modality_accuracy"] <= 1 and 0 <= block["memorised_share"] <= 1
+        rows = per if name == "overall" else per[per["modality"] == name]
+        # the JSON figures are the per-image table's means (nothing lost or recomputed differently)
+        assert block["n_images"] == len(rows) > 0
+        assert block["modality_accuracy"] == pytest.approx(rows["modality_correct"].mean())
+        assert block["memorised_share"] == pytest.approx(rows["near_copy"].mean())
     mem = g["memorisation"]
     assert mem["fitted_on"].startswith("val (") and set(mem["groups"]) == set(g["modalities"])
     # 3 real images per modality at most on this tiny val split: below min_images, so pooled
@@ -61,7 +67,9 @@ def test_evaluate_refit_fits_again_into_its_own_folder_and_leaves_the_run_alone(
     m = json.loads((out / "metrics" / "val.json").read_text())
     assert m["fitted_from"].startswith("refit=true") and m["n_images"] == 2 * m["n_prompts"] >= 2
     # on val, the thresholds are fitted on the same real val images: no out-of-sample null rate is claimed
-    assert "real_flag_rate" not in m["memorisation"] and 0 <= m["memorisation"]["real_flag_rate_in_sample"] <= 1
+    mem = m["memorisation"]
+    assert "real_flag_rate" not in mem and mem["quantile"] == 0.99
+    assert sum(v["n"] for v in mem["groups"].values()) == mem["pooled"]["n"]  # every real val image in one group
 
 
 def test_stage_two_without_a_stage_one_run_names_the_key(tmp_path):
