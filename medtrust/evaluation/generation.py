@@ -193,9 +193,7 @@ def evaluate_generator(task: Any, dm: Any, split: str, out_dir: Path, evaluation
     if copy_cal is None:
         cos_thr, ssim_thr = float(ev.memorisation.cos_threshold), float(ev.memorisation.ssim_threshold)
     else:
-        per = [copy_cal["groups"].get(task.modalities[m], copy_cal["pooled"]) for m in mods]
-        cos_thr = torch.tensor([t["cosine"] for t in per], dtype=torch.float64)
-        ssim_thr = torch.tensor([t["ssim"] for t in per], dtype=torch.float64)
+        cos_thr, ssim_thr = (torch.from_numpy(a) for a in _thresholds_for(copy_cal, [task.modalities[m] for m in mods]))
     mem = gm.nearest_training(pf["features"], pt["features"], fake, train_imgs, cos_threshold=cos_thr,
                               ssim_threshold=ssim_thr, topk_ssim=int(ev.memorisation.topk))
     feature = FeatureModule(net)
@@ -315,8 +313,8 @@ def copy_thresholds(task: Any, dm: Any, split: str, items: Mapping[str, Any], ne
         cal["groups"].setdefault(m, {**cal["pooled"], "n": 0, "pooled": True})
 
     def flagged(df: pd.DataFrame) -> np.ndarray:
-        t = [cal["groups"].get(m, cal["pooled"]) for m in df["modality"]]
-        return ((df["cosine"].to_numpy() >= [x["cosine"] for x in t]) | (df["ssim"].to_numpy() >= [x["ssim"] for x in t]))
+        cos_t, ssim_t = _thresholds_for(cal, df["modality"])
+        return (df["cosine"].to_numpy() >= cos_t) | (df["ssim"].to_numpy() >= ssim_t)
 
     cal.update(fitted_on=f"{cal_split} ({len(rows)} real images, each against its nearest of {len(train_imgs)} train images)",
                real_flag_rate_in_sample=float(flagged(rows).mean()))
@@ -325,6 +323,12 @@ def copy_thresholds(task: Any, dm: Any, split: str, items: Mapping[str, Any], ne
         share = gm.share_with_ci(flagged(other), n_boot=200, seed=0)
         cal["real_flag_rate"] = {"split": split, "value": share["value"], "ci95": share["ci95"], "n": share["n"]}
     return cal
+
+
+def _thresholds_for(cal: Mapping[str, Any], modalities: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (cosine, SSIM) near-copy thresholds of :func:`copy_thresholds` for their modalities."""
+    t = [cal["groups"].get(m, cal["pooled"]) for m in modalities]
+    return (np.array([x["cosine"] for x in t], dtype=np.float64), np.array([x["ssim"] for x in t], dtype=np.float64))
 
 
 def _real_of(items: Mapping[str, Any], mods: Sequence[int]) -> np.ndarray:
