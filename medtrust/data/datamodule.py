@@ -291,6 +291,12 @@ class ImageDataModule(L.LightningDataModule):
             log.warning(f"{text} (data.duplicates=report; listed in splits/duplicates.csv)")
         self._pixels.add(split, digests, recs)
 
+    @property
+    def train_images_fixed(self) -> bool:
+        """True when the training split's pixels are the same every epoch (no augmentation enabled): what
+        is computed from them once, e.g. the generator's latents, stays valid."""
+        return not any(bool(b.get("enabled", False)) for b in self.augment.values())
+
     def has_split(self, split: str) -> bool:
         return bool(self.split_records.get(split))
 

@@ -8,7 +8,9 @@ denoising the latents of a frozen ``AutoencoderKL``.
   embedding and/or as an extra context token (``model.conditioning``).
 - Training: condition dropout for classifier-free guidance (the text becomes ``""`` and the
   modality the learned null modality), EMA weights (evaluated and sampled), min-SNR loss weighting,
-  gradient clipping and warm-up from the trainer/scheduler configs. ``model.lora.enabled=true``
+  gradient clipping and warm-up from the trainer/scheduler configs. The frozen VAE's posterior of each
+  training image (mean and std) is computed once at fit start when the training pixels never change
+  (``model.latent_cache``); every step still draws a fresh latent from it, as encoding would. ``model.lora.enabled=true``
   freezes the UNet and trains peft LoRA adapters on the cross-attention, the mid-block
   self-attention and the output layers (start from a generator run with ``model.init_from``).
 - Sampling: DDIM, DPM-Solver++ or DDPM with guidance, negative prompts and a guidance schedule
@@ -79,6 +81,10 @@ class GenerationTask(TaskBase):
         init_from: a checkpoint whose matching weights initialise the task (LoRA: the base generator).
         allow_untrained_vae: fit without ``vae_run``, ``init_from`` or a pretrained VAE folder (timing
             benchmarks only: the latents of a random autoencoder mean nothing).
+        latent_cache: ``auto`` (cache the training posteriors when the data module says its training
+            pixels are fixed and they fit in ``latent_cache_max_mb``), ``true`` (the same, an error when
+            they are not fixed) or ``false`` (encode every batch).
+        latent_cache_max_mb: the memory the cache may take (auto only).
     """
 
     task_name: ClassVar[str] = "generation"
@@ -93,7 +99,8 @@ class GenerationTask(TaskBase):
                  scheduler: Any = None, scheduler_interval: str = "step", vae_run: str | None = None,
                  scaling_factor: float | None = None, val_timesteps: Sequence[int] = (100, 300, 500, 700, 900),
                  monitor: str = "val/gen/loss", monitor_mode: str = "min", init_from: str | None = None,
-                 allow_untrained_vae: bool = False) -> None:
+                 allow_untrained_vae: bool = False, latent_cache: bool | str = "auto",
+                 latent_cache_max_mb: float = 2048) -> None:
         super().__init__()
         if not (vae_run or init_from or getattr(vae, "medtrust_source", None) or allow_untrained_vae):
             raise ValueError("model.vae_run is not set: stage 2 needs a trained autoencoder, a finished "
@@ -147,6 +154,11 @@ class GenerationTask(TaskBase):
         self.ema = (torch.optim.swa_utils.AveragedModel(self.denoiser, avg_fn=_ema_avg(float(e["decay"])), use_buffers=True)
                     if e["enabled"] else None)
         self._uncond: dict[str, tuple[torch.Tensor, ...]] = {}
+        if str(latent_cache).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"model.latent_cache={latent_cache!r}; expected auto, true or false")
+        self.latent_cache_mode = str(latent_cache).lower()
+        self.latent_cache_max_mb = float(latent_cache_max_mb)
+        self._posteriors: tuple[torch.Tensor, torch.Tensor] | None = None  # train index -> (mean, std), CPU
 
     def _init_from(self, path: str) -> dict[str, list[str]]:
         """Initialise from a generator checkpoint, taking its EMA weights when it has them (the ones it
@@ -182,6 +194,48 @@ class GenerationTask(TaskBase):
             log.info(f"VAE from {self.vae_run} (scaling factor {stats['scaling_factor']:.4f}, fitted on {stats['fitted_on']})")
             if self.ema is not None:  # the EMA copy was made before the weights changed
                 self.ema.module.load_state_dict(self.denoiser.state_dict())
+
+    def on_fit_start(self) -> None:
+        self.build_latent_cache(getattr(self.trainer, "datamodule", None))
+
+    def build_latent_cache(self, dm: Any) -> bool:
+        """Compute the VAE posterior of every training image of ``dm`` once (``model.latent_cache``).
+
+        Returns: whether the cache is on.
+
+        Raises:
+            ValueError: ``latent_cache=true`` but the data module augments its training images.
+        """
+        self._posteriors = None
+        mode = self.latent_cache_mode
+        if mode == "false" or dm is None or not hasattr(dm, "dataloader"):
+            return False
+        fixed = bool(getattr(dm, "train_images_fixed", False))
+        if not fixed:
+            if mode == "true":
+                raise ValueError("model.latent_cache=true but data.augment changes the training images every epoch; "
+                                 "disable the augmentation or set model.latent_cache=auto|false")
+            log.info("latent cache off: data.augment changes the training images (the VAE encodes every batch)")
+            return False
+        loader = dm.dataloader("train", train=False)  # the fixed pixels, in index order
+        zc, f = int(self.vae.config.latent_channels), 2 ** (len(self.vae.config.block_out_channels) - 1)
+        h, w = (int(v) for v in loader.dataset[0]["image"].shape[-2:])
+        mb = 2 * len(loader.dataset) * zc * (h // f) * (w // f) * 4 / 2**20
+        if mode == "auto" and mb > self.latent_cache_max_mb:
+            log.info(f"latent cache off: {mb:.0f} MB > model.latent_cache_max_mb={self.latent_cache_max_mb:.0f}")
+            return False
+        means, stds = [], []
+        with torch.no_grad():
+            for batch in loader:
+                dist = self.vae.encode(batch["image"].to(self.latent_scale.device)).latent_dist
+                means.append(dist.mean.cpu())
+                stds.append(dist.std.cpu())
+        self._posteriors = (torch.cat(means), torch.cat(stds))
+        log.info(f"latent cache: VAE posteriors of {len(self._posteriors[0])} training images ({mb:.1f} MB)")
+        return True
+
+    def on_fit_end(self) -> None:
+        self._posteriors = None
 
     # -- conditions ------------------------------------------------------------------------------
     @property
@@ -230,6 +284,17 @@ class GenerationTask(TaskBase):
         return z * self.latent_scale
 
     @torch.no_grad()
+    def posterior(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the VAE posterior of a batch's images (unscaled): from the latent cache for a
+        training batch (its ``index`` into the training split), else by encoding."""
+        if self._posteriors is not None and self.training and "index" in batch:
+            idx = torch.as_tensor(batch["index"]).long().cpu()
+            dev = batch["image"].device
+            return self._posteriors[0][idx].to(dev), self._posteriors[1][idx].to(dev)
+        dist = self.vae.encode(batch["image"]).latent_dist
+        return dist.mean, dist.std
+
+    @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1]."""
         return self.vae.decode(z / self.latent_scale).sample.clamp(-1, 1)
@@ -239,10 +304,12 @@ class GenerationTask(TaskBase):
 
     # -- training -----------------------------------------------------------------------------------
     def _loss(self, batch: Mapping[str, Any], generator: torch.Generator | None, timesteps: torch.Tensor | None,
-              drop: torch.Tensor | None, net: Denoiser) -> torch.Tensor:
-        x = batch["image"]
-        b = len(x)
-        z = self.encode_images(x, generator=generator)
+              drop: torch.Tensor | None, net: Denoiser,
+              posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b = len(batch["image"])
+        mean, std = posterior if posterior is not None else self.posterior(batch)
+        # a draw from the posterior, as AutoencoderKL's latent_dist.sample
+        z = (mean + std * torch.randn(mean.shape, generator=generator).to(mean)) * self.latent_scale
         noise = torch.randn(z.shape, generator=generator).to(z)
         if timesteps is None:
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
@@ -269,9 +336,10 @@ class GenerationTask(TaskBase):
         """Denoising loss at fixed timesteps with fixed noise (comparable across epochs), EMA weights."""
         b = len(batch["image"])
         total = 0.0
+        posterior = self.posterior(batch)  # encoded once for all the timesteps
         for t in self.val_timesteps:
             g = torch.Generator().manual_seed(1000 * batch_idx + t)
-            total += float(self._loss(batch, g, torch.full((b,), t), None, self.net()))
+            total += float(self._loss(batch, g, torch.full((b,), t), None, self.net(), posterior))
         self.log("val/gen/loss", total / len(self.val_timesteps), on_epoch=True, batch_size=b, prog_bar=True)
         self.log("val/loss", total / len(self.val_timesteps), on_epoch=True, batch_size=b)
 

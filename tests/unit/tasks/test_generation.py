@@ -151,3 +151,50 @@ def test_generate_prompt_csv_errors_name_the_row(tmp_path, rows, message):
         read_prompts(_prompts_cfg(prompts=str(csv)))
     with pytest.raises(ValueError, match="needs modality"):
         read_prompts(_prompts_cfg(prompt="a"))
+
+
+class _FakeData:
+    """The two things the latent cache asks of a data module."""
+
+    def __init__(self, images: torch.Tensor, fixed: bool = True) -> None:
+        self.images, self.train_images_fixed = images, fixed
+
+    def dataloader(self, split: str, train: bool = False):
+        assert split == "train" and not train  # the fixed pixels, in index order
+        items = [{"image": im, "index": i} for i, im in enumerate(self.images)]
+        return torch.utils.data.DataLoader(items, batch_size=3)
+
+
+def test_latent_cache_gives_the_loss_of_encoding_every_batch():
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    task = tiny_task()
+    task.train()
+    assert task.build_latent_cache(_FakeData(images)) and len(task._posteriors[0]) == 5
+    idx = torch.tensor([4, 1, 2])
+    batch = {"image": images[idx], "index": idx, "text": ["chest X-ray: no opacity"] * 3,
+             "modality": torch.tensor([0, 0, 1])}
+    mean, std = task.posterior(batch)
+    dist = task.vae.encode(images[idx]).latent_dist
+    assert torch.allclose(mean, dist.mean, atol=1e-5) and torch.allclose(std, dist.std, atol=1e-5)
+    t = torch.tensor([10, 500, 900])
+    cached = task._loss(batch, torch.Generator().manual_seed(3), t, None, task.denoiser)
+    task._posteriors = None  # encode every batch: the same posterior, the same draws, the same loss
+    encoded = task._loss(batch, torch.Generator().manual_seed(3), t, None, task.denoiser)
+    assert torch.allclose(cached, encoded, atol=1e-5)
+    # a batch of other pixels under a cached index would be caught by nothing but this: the cache is read
+    task.build_latent_cache(_FakeData(images))
+    other = {**batch, "image": torch.zeros_like(batch["image"])}
+    assert torch.allclose(task.posterior(other)[0], mean)
+    task.eval()  # validation encodes its own images
+    assert not torch.allclose(task.posterior(other)[0], mean)
+
+
+def test_latent_cache_is_refused_or_skipped_when_it_would_be_wrong():
+    images = torch.rand(4, 3, 32, 32)
+    with pytest.raises(ValueError, match="data.augment"):
+        tiny_task(latent_cache=True).build_latent_cache(_FakeData(images, fixed=False))
+    assert not tiny_task().build_latent_cache(_FakeData(images, fixed=False))  # auto: off with augmentation
+    assert not tiny_task(latent_cache_max_mb=1e-6).build_latent_cache(_FakeData(images))  # over the memory cap
+    assert not tiny_task(latent_cache=False).build_latent_cache(_FakeData(images))
+    with pytest.raises(ValueError, match="model.latent_cache='sometimes'"):
+        tiny_task(latent_cache="sometimes")
