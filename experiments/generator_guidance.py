@@ -46,6 +46,9 @@ def main() -> None:
         raise SystemExit(f"no evaluator/ in {a.evaluator or run}; run evaluate.py on the generator first")
     net = fitted["_evaluator"]
     items = eg.split_items(dm, a.split)
+    if items["label"] is None or "finding" not in net.heads:
+        raise SystemExit(f"the {a.split} split of {run} has no finding labels (or its judge no finding head): "
+                         "finding accuracy against guidance needs both")
     chosen = eg.choose_prompts(items, task.modalities, a.per_modality, 0)
     k = a.samples_per_prompt
     prompts = [items["texts"][i] for i in chosen for _ in range(k)]
