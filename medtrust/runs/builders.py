@@ -128,11 +128,21 @@ def data_config_for(run_dir: str | Path, cfg: DictConfig) -> DictConfig:
     return run_cfg
 
 
-def evaluation_config_for(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
+def evaluation_config_for(run_cfg: DictConfig, cfg: DictConfig, run_dir: str | Path | None = None) -> DictConfig:
     """The run's own evaluation settings with this command's ``evaluation.<key>=...`` applied; a
-    command that chooses ``evaluation=<file>`` uses that file instead."""
+    command that chooses ``evaluation=<file>`` other than the run's own uses that file instead.
+
+    evaluate.py adds ``evaluation=<the run's choice>`` to every command line (``prepare_argv``), so
+    that choice alone does not mean the user asked for the file's defaults: before this check, every
+    evaluation silently dropped the run's own settings (e.g. an experiment's ``evaluation.sampling``).
+    Without ``run_dir`` (an ensemble or a comparison of several runs) no one run's settings are
+    privileged: the chosen file with the command's ``evaluation.<key>=...``.
+    """
     keys = _override_keys()
-    if "evaluation" in keys or run_cfg.get("evaluation") is None:
+    own = load_run_choices(run_dir).get("evaluation") if run_dir is not None else None
+    chosen = HydraConfig.get().runtime.choices.get("evaluation")
+    user_file = "evaluation" in keys and (own is None or chosen != own)
+    if user_file or run_cfg.get("evaluation") is None:
         return cfg.evaluation
     ev = OmegaConf.create(OmegaConf.to_container(run_cfg.evaluation, resolve=False))
     for key in keys:

@@ -66,13 +66,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                                     "validation images)"]})
     if cfg.get("refit"):
         # fitted again on the run's data splits (not the evaluated file) with this evaluation's settings
-        fitted = task.post_fit(instantiate(load_run_config(run_dir).data), out_dir, evaluation_config_for(run_cfg, cfg))
+        fitted = task.post_fit(instantiate(load_run_config(run_dir).data), out_dir,
+                               evaluation_config_for(run_cfg, cfg, run_dir))
         extra["fitted_from"] = f"refit=true: fitted again into {out_dir}"
     else:
         fitted = cls.load_post_fit(run_dir)
         if fitted:
             extra["fitted_from"] = str(run_dir)
-    result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation_config_for(run_cfg, cfg), extra, fitted)
+    result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation_config_for(run_cfg, cfg, run_dir), extra, fitted)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(run_cfg, resolve=True).encode())
     build_run_report(out_dir, task=cls, title=f"medtrust evaluation of {run_dir.name}")
     log.info(f"evaluation written to {out_dir}")
@@ -108,7 +109,7 @@ def evaluate_run_ensemble(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     members = load_run_models(runs, base, cfg)
     head = cls.ensemble_of([m.task for m in members])
     dm = instantiate(base.data)
-    evaluation = evaluation_config_for(base, cfg)
+    evaluation = evaluation_config_for(base, cfg)  # no one member's settings: the file's
     fitted = head.post_fit(dm, out_dir, evaluation)
     extra = {"ensemble_runs": [str(r) for r in runs], "checkpoint": str(cfg.checkpoint),
              "run_split_sha256": split_digest(runs[0])}
