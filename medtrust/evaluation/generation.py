@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from medtrust.evaluation.config import evaluation_config, to_plain
-from medtrust.generation.evaluator import EvaluatorNet, FeatureModule, head_accuracy, predict, train_evaluator
+from medtrust.generation.evaluator import EvaluatorNet, FeatureModule, head_accuracy, predict, train_evaluator_checked
 from medtrust.metrics import generation as gm
 from medtrust.tasks.base import EvalResult, RunModel
 from medtrust.utils.io import read_json, write_csv, write_json
@@ -77,8 +77,13 @@ def fit_evaluators(task: Any, dm: Any, run_dir: Path, evaluation: Any = None) ->
         return other
     train = split_items(dm, "train")
     val = split_items(dm, "val")
-    net = train_evaluator(train["images"], _targets(train), int(ec.epochs), int(ec.batch_size), float(ec.lr),
-                          int(ec.width), int(ec.seed), int(ec.get("head_grid", 2)))
+    net, attempts = train_evaluator_checked(
+        train["images"], _targets(train), train["modality"], float(ec.get("min_train_accuracy", 0.9)),
+        int(ec.get("attempts", 3)), epochs=int(ec.epochs), batch_size=int(ec.batch_size), lr=float(ec.lr),
+        width=int(ec.width), seed=int(ec.seed), head_grid=int(ec.get("head_grid", 2)))
+    names = list(task.modalities)
+    for a in attempts:  # group index -> modality name
+        a["group"] = names[a["group"]] if isinstance(a["group"], int) and a["group"] < len(names) else a["group"]
     pv = predict(net, val["images"])
     acc = {k: head_accuracy(pv[k], v) for k, v in _targets(val).items()}
     per_mod = {}
@@ -96,6 +101,8 @@ def fit_evaluators(task: Any, dm: Any, run_dir: Path, evaluation: Any = None) ->
     info = {"fitted_on": f"train ({len(train['images'])} real images)", "reported_on": f"val ({len(val['images'])} real images)",
             "modalities": list(task.modalities), "heads": dict(net.head_sizes), "width": int(ec.width),
             "head_grid": int(net.head_grid), "epochs": int(ec.epochs),
+            "seed": int(next(a["seed"] for a in attempts if a["kept"])),
+            "attempts": attempts, "min_train_accuracy": float(ec.get("min_train_accuracy", 0.9)),
             "feature_dim": int(net.feature_dim), "accuracy_real_val": acc, "accuracy_real_val_modalities": per_mod,
             "alignment_real_val": {"matching": float(np.mean(real_match)), "shuffled": float(np.mean(real_shuffled))},
             "alignment_config": align.config() if hasattr(align, "config") else {},

@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medtrust.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 class EvaluatorNet(nn.Module):
     """Four conv blocks -> global pooling -> ``feature_dim`` features (FID / KID / memorisation), and
@@ -107,6 +110,55 @@ def train_evaluator(images: torch.Tensor, targets: Mapping[str, torch.Tensor], e
             opt.step()
             sched.step()
     return net.eval()
+
+
+def train_accuracy_by_group(net: EvaluatorNet, images: torch.Tensor, targets: Mapping[str, torch.Tensor],
+                            groups: torch.Tensor) -> dict[int, dict[str, float]]:
+    """Accuracy of each head on the (un-augmented) training images, per group (e.g. modality)."""
+    pred = predict(net, images)
+    out: dict[int, dict[str, float]] = {}
+    for g in sorted(int(v) for v in torch.unique(groups)):
+        sel = groups == g
+        out[g] = {k: float(head_accuracy(pred[k][sel], v[sel])) for k, v in targets.items()}
+    return out
+
+
+def train_evaluator_checked(images: torch.Tensor, targets: Mapping[str, torch.Tensor], groups: torch.Tensor,
+                            min_train_accuracy: float = 0.9, attempts: int = 3, **kwargs: Any
+                            ) -> tuple[EvaluatorNet, list[dict[str, Any]]]:
+    """:func:`train_evaluator`, restarted with another seed while some head has not fitted some group.
+
+    A judge that cannot tell its own training images apart is an optimisation failure, not a
+    property of the data: on the phantom, the finding head stayed near chance on fundus images for
+    seed 0 at 2 threads (real val accuracy 0.49; seed 1, or seed 0 at 1 thread: 0.96). The check reads the TRAINING
+    images only, so the val images the judge is reported on play no part in the choice. Seeds
+    are ``seed``, ``seed + 1``, ...; the first judge whose every head reaches ``min_train_accuracy``
+    on every group is kept, else the one with the best worst group (and the log says so).
+
+    Returns:
+        the judge and one record per attempt (seed, worst train accuracy, the group and head, kept).
+    """
+    seed = int(kwargs.pop("seed", 0))
+    tries: list[dict[str, Any]] = []
+    best: tuple[float, EvaluatorNet] | None = None
+    for k in range(max(1, int(attempts))):
+        net = train_evaluator(images, targets, seed=seed + k, **kwargs)
+        acc = train_accuracy_by_group(net, images, targets, groups)
+        worst = min(((v, g, h) for g, hv in acc.items() for h, v in hv.items()), default=(1.0, None, None))
+        tries.append({"seed": seed + k, "worst_train_accuracy": round(worst[0], 4), "group": worst[1], "head": worst[2]})
+        if best is None or worst[0] > best[0]:
+            best = (worst[0], net)
+        if worst[0] >= min_train_accuracy:
+            break
+        log.warning(f"evaluator seed {seed + k}: head {worst[2]!r} reaches only {worst[0]:.2f} on its own training images "
+                    f"of group {worst[1]} (< {min_train_accuracy}); "
+                    + ("training again with the next seed" if k + 1 < attempts else "keeping the best of the attempts"))
+    assert best is not None
+    for t in tries:
+        t["kept"] = False
+    kept = max(range(len(tries)), key=lambda i: tries[i]["worst_train_accuracy"])
+    tries[kept]["kept"] = True
+    return best[1], tries
 
 
 @torch.no_grad()

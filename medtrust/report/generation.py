@@ -12,10 +12,18 @@ FIGURES = ("fid", "kid", "ms_ssim", "alignment", "alignment_unguided", "modality
            "memorised_share")
 
 
-def _rows(gen: Mapping[str, Any]) -> list[dict[str, Any]]:
-    rows = [{"group": "overall", "n": gen["overall"].get("n_images"), **{k: gen["overall"].get(k) for k in FIGURES}}]
+JUDGE = "judge finding acc. (real val)"
+
+
+def _rows(gen: Mapping[str, Any], ev: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Figures per modality, next to the judge's finding accuracy on that modality's REAL val images
+    (a generated image's finding is judged only as well as real ones are)."""
+    judge = ev.get("accuracy_real_val_modalities") or {}
+    rows = [{"group": "overall", "n": gen["overall"].get("n_images"), **{k: gen["overall"].get(k) for k in FIGURES},
+             JUDGE: (ev.get("accuracy_real_val") or {}).get("finding")}]
     for m, v in (gen.get("modalities") or {}).items():
-        rows.append({"group": m, "n": v.get("n_images"), **{k: v.get(k) for k in FIGURES}})
+        rows.append({"group": m, "n": v.get("n_images"), **{k: v.get(k) for k in FIGURES},
+                     JUDGE: (judge.get(m) or {}).get("finding")})
     return rows
 
 
@@ -32,7 +40,7 @@ def generation_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]])
         if not gen:
             continue
         first = first or m
-        per_split[split] = _rows(gen)
+        per_split[split] = _rows(gen, m.get("evaluator") or {})
         for group, v in [("overall", gen["overall"]), *(gen.get("modalities") or {}).items()]:
             align_rows.append({"split": split, "group": group, "matching − shuffled": _contrast(v.get("alignment_vs_shuffled")),
                                "guided − unguided": _contrast(v.get("alignment_guided_vs_unguided"))})
@@ -75,6 +83,14 @@ def generation_trust_lines(run_dir: Path, metrics: Mapping[str, Mapping[str, Any
              threshold_line("memorisation", "near copies of training images", ov.get("memorised_share"),
                             ov.get("memorised_share_ci"), float(th.get("memorised_share_max", 0.05)), False,
                             ("not memorising", "memorising"), judged_copy, where)]
+    judge = {k: v.get("finding") for k, v in ((m.get("evaluator") or {}).get("accuracy_real_val_modalities") or {}).items()
+             if isinstance(v, Mapping) and v.get("finding") is not None}
+    if judge:  # the finding figures mean little for a modality whose real images the judge cannot read
+        worst = min(judge, key=judge.get)
+        lines.append(threshold_line("accuracy", f"judge's finding accuracy on real val images, worst modality ({worst})",
+                                    judge[worst], None, float(th.get("finding_accuracy_min", 0.8)), True,
+                                    ("judge reads findings", "judge cannot read findings"),
+                                    "judge: evaluator CNN trained on real train images", "real val images"))
     c = ov.get("alignment_guided_vs_unguided")
     if isinstance(c, Mapping):
         lines.append(threshold_line("alignment", "alignment gain from guidance", c.get("diff"), c.get("ci95"), 0.0, True,

@@ -300,6 +300,50 @@ def test_evaluator_heads_tell_the_side_of_a_finding_on_a_symmetric_image():
         EvaluatorNet({"side": 2}, head_grid=0)
 
 
+def test_evaluator_is_trained_again_while_a_head_has_not_fitted_a_group_of_its_training_images(monkeypatch):
+    """The restart reads the training images' accuracy per group (never val): a first seed whose
+    finding head is at chance on group 1 is replaced by the next seed; when every seed fails, the
+    best worst group is kept and every attempt is recorded."""
+    import medtrust.generation.evaluator as ev
+
+    script = {0: 0.55, 1: 0.97, 2: 0.99, 10: 0.4, 11: 0.6, 12: 0.5}
+    seen: list[tuple[int, int]] = []
+
+    def fake_train(images, targets, seed=0, **kw):
+        net = torch.nn.Linear(1, 1)
+        net.seed = seed
+        return net
+
+    def fake_acc(net, images, targets, groups):
+        seen.append((net.seed, len(images)))
+        return {0: {"modality": 1.0, "finding": 1.0}, 1: {"modality": 1.0, "finding": script[net.seed]}}
+
+    monkeypatch.setattr(ev, "train_evaluator", fake_train)
+    monkeypatch.setattr(ev, "train_accuracy_by_group", fake_acc)
+    x, t, g = torch.zeros(6, 3, 8, 8), {"finding": torch.zeros(6, dtype=torch.long)}, torch.tensor([0, 0, 0, 1, 1, 1])
+    net, tries = ev.train_evaluator_checked(x, t, g, min_train_accuracy=0.9, attempts=3, seed=0)
+    assert net.seed == 1 and [a["seed"] for a in tries] == [0, 1] and [a["kept"] for a in tries] == [False, True]
+    assert tries[0]["group"] == 1 and tries[0]["head"] == "finding" and tries[0]["worst_train_accuracy"] == 0.55
+    assert all(n == 6 for _, n in seen)  # judged on the training images it was given
+    net, tries = ev.train_evaluator_checked(x, t, g, min_train_accuracy=0.9, attempts=3, seed=10)
+    assert net.seed == 11 and len(tries) == 3 and [a["kept"] for a in tries] == [False, True, False]
+
+
+def test_real_per_group_training_accuracy_catches_an_unfitted_head():
+    """train_accuracy_by_group on a real (untrained) judge: a head is judged per group on the images."""
+    from medtrust.generation.evaluator import EvaluatorNet, train_accuracy_by_group
+
+    torch.manual_seed(0)
+    net = EvaluatorNet({"finding": 3}, 3, 8, 2).eval()
+    x = torch.rand(12, 3, 16, 16)
+    groups = torch.tensor([0] * 6 + [1] * 6)
+    pred = net(x)["finding"].argmax(1)
+    target = pred.clone()
+    target[6:] = (pred[6:] + 1) % 3  # group 1 always wrong
+    acc = train_accuracy_by_group(net, x, {"finding": target}, groups)
+    assert acc[0]["finding"] == 1.0 and acc[1]["finding"] == 0.0
+
+
 # -- alignment -----------------------------------------------------------------------------------------
 def _shapes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n 32-px images of a coloured square or disk on noise; class = colour (3) × shape (2)."""
