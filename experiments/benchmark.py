@@ -22,7 +22,10 @@ Rows:
   gen_throughput  training images/s of the generator task (experiment=minim, 400 phantom images,
                   untrained VAE: throughput does not depend on weights) against diffusers'
                   text-to-image loop written out with the same UNet, VAE, text encoder, batch,
-                  clipping, EMAModel and loader. Target ratio >= 0.90.
+                  clipping, EMAModel, loader and precision (bf16 autocast); medtrust with its latent
+                  cache (the default) and without it. Target ratio >= 0.90.
+  gen_bf16        training step time of the MINIM VAE and UNet in fp32 vs CPU bf16 autocast
+                  (trainer.precision=bf16-mixed, the experiments' setting on this AVX512-BF16 CPU).
   lora_step       step time of LoRA (the seed's targets) vs full training of the same UNet and batch,
                   and LoRA's trainable share of the UNet (target <= 5 %).
   gen_samplers    (not in the default set) s/image and FID with a bootstrap CI of DDIM 50 / DDIM 25 /
@@ -388,18 +391,20 @@ def plain_diffusers_epochs(cfg, dm, epochs: int) -> list[float]:
                                                pct_start=cfg.model.scheduler.pct_start)
     ema = EMAModel(den.parameters(), decay=float(cfg.model.ema.decay))
     clip = float(cfg.trainer.gradient_clip_val or 0)
+    amp = str(cfg.trainer.precision).startswith("bf16")  # as accelerate's mixed_precision="bf16" in the example
     den.train()
     times = []
     for _ in range(epochs):
         t = time.perf_counter()
         for batch in loader:
-            with torch.no_grad():
-                z = vae.encode(batch["image"]).latent_dist.sample() * task.latent_scale
-            noise = torch.randn_like(z)
-            ts = torch.randint(0, sched.config.num_train_timesteps, (len(z),))
-            states, mask, pooled = te(list(batch["text"]))
-            pred = den(sched.add_noise(z, noise, ts), ts, states, mask, pooled, torch.as_tensor(batch["modality"]))
-            loss = torch.nn.functional.mse_loss(pred, noise)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                with torch.no_grad():
+                    z = vae.encode(batch["image"]).latent_dist.sample() * task.latent_scale
+                noise = torch.randn_like(z)
+                ts = torch.randint(0, sched.config.num_train_timesteps, (len(z),))
+                states, mask, pooled = te(list(batch["text"]))
+                pred = den(sched.add_noise(z, noise, ts), ts, states, mask, pooled, torch.as_tensor(batch["modality"]))
+            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
@@ -420,11 +425,61 @@ def row_gen_throughput(args) -> dict:
     dm = instantiate(cfg.data)
     dm.setup("fit")
     n = len(dm.dataset("train"))
-    med, plain = [], []
+    from omegaconf import OmegaConf
+
+    no_cache = OmegaConf.merge(cfg, {"model": {"latent_cache": False}})
+    med, med_enc, plain = [], [], []
     for rep in range(args.repeats):
         plain += plain_diffusers_epochs(cfg, dm, args.epochs)[1:]
         med += medtrust_epochs(cfg, dm, args.epochs, out / f"rep{rep}")[1:]
-    return throughput_row("gen_throughput", n, med, plain, cfg)
+        med_enc += medtrust_epochs(no_cache, dm, args.epochs, out / f"rep{rep}_nocache")[1:]
+    row = throughput_row("gen_throughput", n, med, plain, cfg)
+    # the latent cache is built once at fit start (outside the timed epochs); without it medtrust
+    # encodes every batch, as the plain loop does
+    enc = throughput_row("gen_throughput", n, med_enc, plain, cfg)
+    row.update({"medtrust_no_cache_img_per_s": enc["medtrust_img_per_s"], "ratio_no_cache": enc["ratio"],
+                "precision": str(cfg.trainer.precision)})
+    return row
+
+
+def row_gen_bf16(args) -> dict:
+    """Training step time of the MINIM autoencoder (experiment=minim_vae) and of the generator's UNet
+    (experiment=minim) in fp32 and under CPU bf16 autocast (what trainer.precision=bf16-mixed does),
+    synthetic batches of the configured size, interleaved repeats."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg([*GEN_BASE, *args.overrides], Path(args.out) / "gen_bf16")
+    torch.set_num_threads(int(cfg.threads))
+    gen, _, _ = _gen_step(cfg, False)
+    vcfg = compose_cfg(["experiment=minim_vae", *args.overrides], Path(args.out) / "gen_bf16")
+    vae = build_task(vcfg)
+    vae.train()
+    vopt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    b, (h, w) = int(vcfg.data.batch_size), vcfg.data.image_size
+    vbatch = {"image": torch.rand(b, int(vcfg.data.channels), int(h), int(w)) * 2 - 1}
+
+    def vstep():
+        vopt.zero_grad(set_to_none=True)
+        vae.training_step(vbatch, 0).backward()
+        vopt.step()
+
+    def amp(step, on: bool):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+                step()
+        return run
+
+    times: dict[str, list[float]] = {k: [] for k in ("vae_fp32", "vae_bf16", "unet_fp32", "unet_bf16")}
+    for _ in range(args.repeats):
+        for name, step in (("vae", vstep), ("unet", gen)):
+            times[f"{name}_fp32"].append(time_steps(amp(step, False), args.flop_steps))
+            times[f"{name}_bf16"].append(time_steps(amp(step, True), args.flop_steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"row": "gen_bf16", "batch_size": b, **{f"{k}_s_per_step": round(v, 3) for k, v in med.items()}}
+    out.update({"vae_speedup": round(med["vae_fp32"] / med["vae_bf16"], 2),
+                "unet_speedup": round(med["unet_fp32"] / med["unet_bf16"], 2),
+                "accelerator": str(OmegaConf.select(cfg, "trainer.accelerator"))})
+    return out
 
 
 def _gen_step(cfg, lora: bool):
@@ -523,7 +578,7 @@ def row_gen_samplers(args) -> dict:
 ROWS = {"seg_throughput": row_seg_throughput, "seg_flops": row_seg_flops, "seg_dropout": row_seg_dropout,
         "mc_dropout": row_mc_dropout, "scorecam": row_scorecam, "xai_callback": row_xai_callback,
         "wandb_overhead": row_wandb_overhead, "ddp": row_ddp, "gen_throughput": row_gen_throughput,
-        "lora_step": row_lora_step, "gen_samplers": row_gen_samplers}
+        "lora_step": row_lora_step, "gen_bf16": row_gen_bf16, "gen_samplers": row_gen_samplers}
 DEFAULT_ROWS = [r for r in ROWS if r != "gen_samplers"]  # gen_samplers needs a trained generator run
 
 

@@ -16,8 +16,9 @@ DATA = ["threads=1", "data.source.n_images=60", "data.source.size=32", "data.ima
         "trainer.check_val_every_n_epoch=1"]
 VAE = ["model.net.block_out_channels=[8,16]", "model.net.norm_num_groups=8"]
 GEN = ["model.vae.block_out_channels=[8,16]", "model.vae.norm_num_groups=8", "model.unet.block_out_channels=[16,32]",
-       "model.unet.cross_attention_levels=[false,true]", "model.unet.norm_num_groups=8", "model.sampling.steps=2",
-       "evaluation.prompts_per_modality=2", "evaluation.evaluator.epochs=1", "evaluation.alignment.epochs=1",
+       "model.unet.cross_attention_levels=[false,true]", "model.unet.norm_num_groups=8", "model.sampling.steps=3",
+       "evaluation.sampling.steps=2", "evaluation.prompts_per_modality=2", "evaluation.evaluator.epochs=1",
+       "evaluation.alignment.epochs=1",
        "evaluation.memorisation.min_images=3", "evaluation.bootstrap=50", "evaluation.subgroups.bootstrap=20",
        "callbacks.samples.every_n_epochs=1", "callbacks.samples.steps=2", "callbacks.samples.per_modality=1"]
 KEYS = ("fid", "kid", "ms_ssim", "alignment", "modality_accuracy", "finding_accuracy", "memorised_share")
@@ -66,6 +67,9 @@ def test_evaluate_refit_fits_again_into_its_own_folder_and_leaves_the_run_alone(
     assert hashlib.sha256((generator_run / "evaluator" / "evaluator.pt").read_bytes()).hexdigest() == before
     m = json.loads((out / "metrics" / "val.json").read_text())
     assert m["fitted_from"].startswith("refit=true") and m["n_images"] == 2 * m["n_prompts"] >= 2
+    # the run's own evaluation settings (evaluation.sampling.steps=2 at training, model.sampling 3) are kept
+    # although evaluate.py adds evaluation=<the run's choice> to the command line
+    assert m["sampling"]["steps"] == 2
     # on val, the thresholds are fitted on the same real val images: no out-of-sample null rate is claimed
     mem = m["memorisation"]
     assert "real_flag_rate" not in mem and mem["quantile"] == 0.99
