@@ -136,7 +136,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     name = "generated.csv" if n_shards == 1 else f"generated_shard{shard}of{n_shards}.csv"
     if (out / name).exists():
         raise FileExistsError(f"{out / name} exists; a shard's images are never overwritten (choose another out_dir)")
-    overrides = OmegaConf.to_container(cfg.get("sampling") or {}, resolve=True)
+    # an empty DictConfig is falsy: `cfg.get("sampling") or {}` gave a plain dict that to_container refuses
+    sampling = cfg.get("sampling")
+    overrides = OmegaConf.to_container(sampling, resolve=True) if sampling is not None else {}
     settings = task.sampling_record(**overrides)
     imgs = task.generate([p["prompt"] for p in plan], [p["modality"] for p in plan], [p["seed"] for p in plan],
                          batch_size=int(cfg.batch_size), **{k: settings[k] for k in

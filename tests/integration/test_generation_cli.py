@@ -76,6 +76,23 @@ def test_evaluate_refit_fits_again_into_its_own_folder_and_leaves_the_run_alone(
     assert sum(v["n"] for v in mem["groups"].values()) == mem["pooled"]["n"]  # every real val image in one group
 
 
+def test_generate_command_writes_seeded_images_with_their_csv_and_never_overwrites(generator_run, tmp_path):
+    """generate.py with the config's defaults (no sampling override): the same seed gives the same
+    images; the CSV says how each was made; a second job into the same folder is refused."""
+    args = [f"run_dir={generator_run}", "prompt=chest X-ray: large opacity in the right lower lung", "modality=cxr",
+            "n=2", "seed=3", "threads=1"]
+    run_script("generate.py", *args, f"out_dir={tmp_path / 'a'}")
+    run_script("generate.py", *args, f"out_dir={tmp_path / 'b'}")
+    rows = pd.read_csv(tmp_path / "a" / "generated.csv")
+    assert len(rows) == 2 and rows["seed"].tolist() == [3, 4] and set(rows["modality"]) == {"cxr"}
+    assert {"prompt", "modality", "seed", "sampler", "steps", "guidance"} <= set(rows.columns)
+    assert rows["steps"].tolist() == [3, 3]  # the run's model.sampling (evaluation.sampling is evaluation's)
+    for name in sorted((tmp_path / "a" / "images").iterdir()):
+        assert name.read_bytes() == (tmp_path / "b" / "images" / name.name).read_bytes()
+    again = run_script("generate.py", *args, f"out_dir={tmp_path / 'a'}", check=False)
+    assert again.returncode != 0 and "exists" in again.stderr + again.stdout
+
+
 def test_stage_two_without_a_stage_one_run_names_the_key(tmp_path):
     proc = run_script("train.py", "experiment=minim", *DATA, *GEN, f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert proc.returncode != 0 and "model.vae_run is not set" in (proc.stdout + proc.stderr)
