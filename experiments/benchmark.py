@@ -29,7 +29,8 @@ Rows:
   lora_step       step time of LoRA (the seed's targets) vs full training of the same UNet and batch,
                   and LoRA's trainable share of the UNet (target <= 5 %).
   gen_samplers    (not in the default set) s/image and FID with a bootstrap CI of DDIM 50 / DDIM 25 /
-                  DPM-Solver++ 10 on the test prompts of --generator-run <experiment=minim run>.
+                  DPM-Solver++ 10 on the test prompts of --generator-run <experiment=minim run>, judged
+                  by its evaluator/ or by --gen-evaluator <an evaluate.py refit=true folder>'s.
   seg_flops       achieved FLOP/s of one Attention U-Net training step (counted with
                   torch.utils.flop_counter) as a fraction of this machine's fp32 matmul FLOP/s,
                   both measured in this run.
@@ -540,9 +541,10 @@ def row_gen_samplers(args) -> dict:
     rcfg = load_run_config(run)
     torch.set_num_threads(int(rcfg.threads or 2))
     task = rebuild_task(rcfg, find_checkpoint(run, "best")).eval()
-    fitted = load_evaluators(run)
+    judge_dir = Path(args.gen_evaluator) if args.gen_evaluator else run  # e.g. an evaluate.py refit=true folder
+    fitted = load_evaluators(judge_dir)
     if fitted is None:
-        raise SystemExit(f"{run}: no evaluator/ folder (a finished generator run writes it)")
+        raise SystemExit(f"{judge_dir}: no evaluator/ folder (a finished generator run or a refit evaluation writes it)")
     net = fitted["_evaluator"]
     dm = instantiate(rcfg.data)
     items = split_items(dm, "test")
@@ -551,7 +553,8 @@ def row_gen_samplers(args) -> dict:
     mods = [int(items["modality"][i]) for i in chosen]
     seeds = list(range(len(prompts)))
     real = predict(net, items["images"])["features"]
-    out: dict = {"row": "gen_samplers", "images": len(prompts), "real_test_images": len(real), "run": str(run)}
+    out: dict = {"row": "gen_samplers", "images": len(prompts), "real_test_images": len(real), "run": str(run),
+                 "judge": str(judge_dir), "guidance": float(task.sampling["guidance"])}
     rng = np.random.default_rng(0)
     boots = [rng.integers(0, len(prompts), len(prompts)) for _ in range(args.gen_boot)]
     ref: list[float] | None = None
@@ -586,6 +589,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated subset of {list(ROWS)}")
     p.add_argument("--generator-run", default=None, help="gen_samplers: a finished experiment=minim run folder")
+    p.add_argument("--gen-evaluator", default=None,
+                   help="gen_samplers: the folder whose evaluator/ judges the images (default: the run's own)")
     p.add_argument("--gen-prompts", type=int, default=16, help="gen_samplers: test prompts per modality")
     p.add_argument("--gen-boot", type=int, default=200, help="gen_samplers: bootstrap resamples of the FID CI")
     p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is warm-up)")
