@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 
 from medtrust.evaluation.config import evaluation_config, to_plain
-from medtrust.generation.evaluator import EvaluatorNet, FeatureModule, head_accuracy, predict, train_evaluator_checked
+from medtrust.generation.evaluator import (EvaluatorNet, FeatureModule, accuracy_by_group, head_accuracy, predict,
+                                          train_evaluator_checked)
 from medtrust.metrics import generation as gm
 from medtrust.tasks.base import EvalResult, RunModel
 from medtrust.utils.io import read_json, write_csv, write_json
@@ -86,11 +87,7 @@ def fit_evaluators(task: Any, dm: Any, run_dir: Path, evaluation: Any = None) ->
         a["group"] = names[a["group"]] if isinstance(a["group"], int) and a["group"] < len(names) else a["group"]
     pv = predict(net, val["images"])
     acc = {k: head_accuracy(pv[k], v) for k, v in _targets(val).items()}
-    per_mod = {}
-    for m, name in enumerate(task.modalities):
-        sel = val["modality"] == m
-        if bool(sel.any()):
-            per_mod[name] = {k: head_accuracy(pv[k][sel], v[sel]) for k, v in _targets(val).items()} | {"n": int(sel.sum())}
+    per_mod = {names[m]: v for m, v in accuracy_by_group(pv, _targets(val), val["modality"]).items() if m < len(names)}
     _, _, pooled_train = task.encode_text(train["texts"])
     _, _, pooled_val = task.encode_text(val["texts"])
     align = gm.train_alignment_model(train["images"], pooled_train.cpu(), epochs=int(ac.epochs),

@@ -113,15 +113,21 @@ def train_evaluator(images: torch.Tensor, targets: Mapping[str, torch.Tensor], e
     return net.eval()
 
 
-def train_accuracy_by_group(net: EvaluatorNet, images: torch.Tensor, targets: Mapping[str, torch.Tensor],
-                            groups: torch.Tensor) -> dict[int, dict[str, float]]:
-    """Accuracy of each head on the (un-augmented) training images, per group (e.g. modality)."""
-    pred = predict(net, images)
+def accuracy_by_group(pred: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+                      groups: torch.Tensor) -> dict[int, dict[str, float]]:
+    """Accuracy of each head's predictions (:func:`predict`) per group present (e.g. modality), with its ``n``."""
     out: dict[int, dict[str, float]] = {}
     for g in sorted(int(v) for v in torch.unique(groups)):
         sel = groups == g
-        out[g] = {k: float(head_accuracy(pred[k][sel], v[sel])) for k, v in targets.items()}
+        out[g] = {k: float(head_accuracy(pred[k][sel], v[sel])) for k, v in targets.items()} | {"n": int(sel.sum())}
     return out
+
+
+def train_accuracy_by_group(net: EvaluatorNet, images: torch.Tensor, targets: Mapping[str, torch.Tensor],
+                            groups: torch.Tensor) -> dict[int, dict[str, float]]:
+    """Accuracy of each head on the (un-augmented) training images, per group (e.g. modality)."""
+    return {g: {k: v for k, v in acc.items() if k != "n"}
+            for g, acc in accuracy_by_group(predict(net, images), targets, groups).items()}
 
 
 def train_evaluator_checked(images: torch.Tensor, targets: Mapping[str, torch.Tensor], groups: torch.Tensor,
