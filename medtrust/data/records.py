@@ -50,7 +50,11 @@ class Record(_RequiredRecord, total=False):
     - ``image``, ``mask``: in-memory arrays (phantoms, MedMNIST): uint8 H×W×C (or H×W) and uint8
       H×W in {0, 1}.
     - ``text``, ``modality``: report/prompt and modality index (into ``data.modalities``) of
-      multimodal sources (``phantom_multimodal``, ``text_csv``); the batch carries both.
+      multimodal sources (``phantom_multimodal``, ``text_csv``, ``generated``); the batch carries both.
+    - ``reward``: a generated image's score (e.g. its selector score) for rating-driven fine-tuning;
+      the batch carries it.
+    - ``quality``: the known acquisition grade of a phantom image (3 good, 2 fair, 1 poor), for the
+      quality loop's checks; never shown to a model.
     """
 
     where: str
@@ -59,6 +63,8 @@ class Record(_RequiredRecord, total=False):
     mask: np.ndarray
     text: str
     modality: int
+    reward: float
+    quality: int
 
 
 SPLIT_ALIASES = {

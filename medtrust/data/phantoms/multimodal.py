@@ -182,15 +182,21 @@ class PhantomMultimodalSource:
             (:mod:`medtrust.data.prompts`).
         attributes: ``sex`` / ``age_group`` prevalences.
         max_images_per_patient: patients have 1..this many images (same modality).
+        quality: share of each acquisition grade (``{good: 0.5, fair: 0.3, poor: 0.2}``): fair and poor
+            images are washed out (:mod:`medtrust.data.phantoms.quality`); the grade is the record's
+            ``quality`` (3 good, 2 fair, 1 poor), never in the text. ``None``: every image is good.
 
     Raises:
-        ValueError: unknown modality, bad prevalence or template.
+        ValueError: unknown modality, bad prevalence, template or quality shares.
     """
 
     def __init__(self, n_images: int = 1500, size: int = 64, seed: int = 0,
                  modalities: Sequence[str] = tuple(MODALITIES), prevalence: float = 0.6,
                  template: str = "short", attributes: Mapping[str, Mapping[str, float]] | None = None,
-                 max_images_per_patient: int = 2) -> None:
+                 max_images_per_patient: int = 2, quality: Mapping[str, float] | None = None) -> None:
+        from medtrust.data.phantoms.quality import check_quality_mix
+
+        self.quality = check_quality_mix(quality)
         self.modalities = [str(m) for m in modalities]
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown or not self.modalities:
@@ -207,8 +213,9 @@ class PhantomMultimodalSource:
         self.max_per_patient = int(max_images_per_patient)
 
     def describe(self) -> str:
+        q = f", quality={self.quality}" if self.quality else ""
         return (f"phantom_multimodal(n={self.n_images}, size={self.size}, seed={self.seed}, "
-                f"modalities={self.modalities}, template={self.template})")
+                f"modalities={self.modalities}, template={self.template}{q})")
 
     def truth(self, i: int, patient: str) -> dict[str, object]:
         """What image ``i`` shows (drawn from its own seeded stream) and its patient's attributes."""
@@ -245,6 +252,13 @@ class PhantomMultimodalSource:
             fields = finding_fields(info["display"], info["finding"], bool(t["present"]), str(t["side"]),
                                     str(t["region"]), str(t["size"]), str(t["sex"]), int(t["age"]))  # type: ignore[arg-type]
             label = 0 if not t["present"] else 1 + SIDES.index(str(t["side"]))
+            extra: dict[str, object] = {}
+            if self.quality:
+                from medtrust.data.phantoms.quality import GRADES, draw_grade, wash_out
+
+                grade, strength = draw_grade(self.quality, self.seed, "mm-quality", i)
+                img = wash_out(img, strength) if strength > 0 else img
+                extra = {"quality": GRADES[grade], "quality_strength": strength}
             out.append({
                 "id": f"mm_{i:05d}", "path": f"phantom_multimodal://{self.seed}/{i}", "mask_path": None,
                 "image": img, "mask": mask, "label": label, "patient_id": pid, "split": None,
@@ -253,5 +267,6 @@ class PhantomMultimodalSource:
                           "finding": "present" if t["present"] else "absent",
                           "side": str(t["side"]) if t["present"] else "none",
                           "size": str(t["size"]) if t["present"] else "none"},
+                **extra,
             })
         return out
