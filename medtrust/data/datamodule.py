@@ -65,6 +65,8 @@ class CachedImageDataset(Dataset):
             d["text"] = self.text_transform(r["text"], i) if self.text_transform else str(r["text"])
         if r.get("modality") is not None:
             d["modality"] = int(r["modality"])
+        if r.get("reward") is not None:
+            d["reward"] = float(r["reward"])
         if self.attr_keys:
             d["attrs"] = {k: str(r.get("attrs", {}).get(k, "unknown")) for k in self.attr_keys}
         return d
@@ -103,6 +105,9 @@ class ImageDataModule(L.LightningDataModule):
         manifest, root, path: where the data lives (shared with the source by interpolation; recorded
             in the run's data summary).
         name: short data-set name for reports.
+        train_source: another source whose records are the training split, all of them (e.g. a
+            generator's rated samples, or synthetic images for a classifier), while ``source`` keeps
+            giving val / test / cal (its own training records are left out). None: ``source`` alone.
     """
 
     def __init__(
@@ -132,8 +137,10 @@ class ImageDataModule(L.LightningDataModule):
         root: str | None = None,
         path: str | None = None,
         name: str = "data",
+        train_source: Any = None,
     ) -> None:
         super().__init__()
+        self.train_source = train_source
         size = [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
         if len(size) != 2 or min(size) < 8:
             raise ValueError(f"data.image_size must be an int or [H, W] with sides >= 8, got {image_size}")
@@ -196,6 +203,14 @@ class ImageDataModule(L.LightningDataModule):
             self._split_records, self._split_how = make_splits(
                 records, self.split_cfg["fractions"], self.split_cfg["seed"], self.split_cfg["use_source"],
                 self.split_cfg["calibration_fraction"])
+            if self.train_source is not None:
+                train = [{**r, "split": "train"} for r in self.train_source.records()]
+                if not train:
+                    raise DataError(f"data.train_source {self.train_source.describe()}: the source yielded no records")
+                held = [r for s, rs in self._split_records.items() if s != "train" for r in rs]
+                check_unique_ids([*train, *held], f"{self.train_source.describe()} + {self.source.describe()}")
+                self._split_records["train"] = train
+                self._split_how += f"; train from {self.train_source.describe()}"
         return self._split_records
 
     def write_splits(self, out_dir: str | Path) -> str:
@@ -357,8 +372,10 @@ class ImageDataModule(L.LightningDataModule):
         ``duplicates_within_splits`` extra copies inside one split."""
         counts = {s: len(r) for s, r in self.split_records.items()}
         return {"name": self.name, "source": self.source.describe(), "location": self.location,
+                **({"train_source": self.train_source.describe()} if self.train_source is not None else {}),
                 "image_size": self.image_size, "channels": self.channels, "split_method": self._split_how,
                 "resize": self.resize, **({"modalities": self.modalities} if self.modalities else {}),
                 "split_counts": counts, "skipped": len(self.skipped),
                 "duplicates_across_splits": self._pixels.count_across(),
-                "duplicates_within_splits": self._pixels.count_within()}
+                "duplicates_within_splits": self._pixels.count_within(),
+                **(self.source.summary() if callable(getattr(self.source, "summary", None)) else {})}
