@@ -20,8 +20,14 @@ class DiffusionLoss(nn.Module):
         self.snr_gamma = float(snr_gamma) if snr_gamma else None
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None = None,
-                scheduler: Any = None) -> torch.Tensor:
+                scheduler: Any = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch mean of the per-sample losses, each times its ``weights`` entry (B; rating-driven
+        fine-tuning) when given."""
         per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        if weights is not None:
+            if weights.shape != per.shape:
+                raise ValueError(f"DiffusionLoss: {tuple(weights.shape)} weights for {tuple(per.shape)} samples")
+            per = per * weights.to(per)
         if self.snr_gamma is None or timesteps is None or scheduler is None:
             return per.mean()
         ac = scheduler.alphas_cumprod.to(pred.device)[timesteps].float()

@@ -62,9 +62,12 @@ def build_task(cfg: DictConfig, **overrides: Any) -> L.LightningModule:
 def rebuild_task(run_cfg: DictConfig, ckpt: Path, threshold: float | None = None,
                  tta: list[str] | None = None) -> torch.nn.Module:
     """Instantiate the run's task from its config and load the checkpoint (``weights_only=True``);
-    ``threshold``/``tta`` override the run's values when given."""
+    ``threshold``/``tta`` override the run's values when given. The task class's ``rebuild_overrides``
+    (default ``{"init_from": None}``) are constructor arguments for a model whose weights all come from
+    the checkpoint (nothing is initialised from elsewhere)."""
     extra = {"tta": list(tta)} if tta is not None else {}
-    task = build_task(run_cfg, init_from=None, **extra)
+    cls = get_class(str(run_cfg.model._target_))
+    task = build_task(run_cfg, **{**getattr(cls, "rebuild_overrides", {"init_from": None}), **extra})
     load_weights(task, ckpt)
     if threshold is not None:
         task.threshold = float(threshold)

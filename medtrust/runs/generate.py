@@ -1,10 +1,16 @@
 """What ``generate.py`` does: rebuild a generator run and write images with a CSV of how each was
 made (prompt, modality, seed, sampler, steps, guidance), or export the run as a diffusers pipeline.
 
+``lora=<folder>`` applies LoRA weights saved by a LoRA run to this (base) run first
+(:mod:`medtrust.generation.lora`). ``selector.run=<run>`` scores every image with a quality selector
+(:mod:`medtrust.generation.selector`): the CSV gets ``selector_score`` and ``selector_p_top``, and with
+``selector.min_score`` only the images scoring at least that are written (``kept``; the others stay in
+the CSV with no file, so what the filter removed can be audited).
+
 Nothing is overwritten: an existing image or shard CSV stops the command. With ``n_shards`` > 1,
 prompt rows ``i`` with ``i % n_shards == shard`` are this job's; every shard writes its own
 ``generated_shard<k>of<n>.csv`` next to the others (in ``out_dir``, or one folder per job), and
-:func:`read_generated` reads their union.
+:func:`medtrust.data.sources.generated.read_generated` reads their union.
 """
 from __future__ import annotations
 
@@ -110,9 +116,24 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                           "model=latent_diffusion)")
     run_cfg = load_run_config(run_dir)
     run_cfg.paths = cfg.paths
+    sel_cfg = cfg.get("selector") or {}
+    if sel_cfg.get("min_score") is not None and not sel_cfg.get("run"):
+        raise ValueError("selector.min_score needs selector.run=<a selector run> (python train.py experiment=minim_selector ...)")
     ckpt = find_checkpoint(run_dir, str(cfg.checkpoint))
     task = rebuild_task(run_cfg, ckpt)
+    lora_info = None
+    if cfg.get("lora"):
+        from medtrust.generation.lora import apply_lora
+
+        lora_info = apply_lora(task, str(cfg.lora), bool(cfg.get("lora_allow_other_base", False)))
+    selector = None
+    if sel_cfg.get("run"):
+        from medtrust.generation.selector import Selector
+
+        selector = Selector.from_run(str(sel_cfg.run), seed=int(sel_cfg.get("seed", 0)))
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("save_pretrained") and lora_info is not None:
+        raise ValueError("save_pretrained with lora=...: export the LoRA run itself (its checkpoint holds base + adapters)")
     if cfg.get("save_pretrained"):
         from medtrust.generation.pipeline import export_pipeline
 
@@ -144,35 +165,35 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                          batch_size=int(cfg.batch_size), **{k: settings[k] for k in
                                                             ("sampler", "steps", "guidance", "guidance_schedule",
                                                              "min_guidance", "negative_prompt")})
+    scores = p_top = None
+    kept = [True] * len(plan)
+    if selector is not None:
+        scores, p_top = selector.score(imgs, str(sel_cfg.get("score", "expected")))
+        if sel_cfg.get("min_score") is not None:
+            kept = [bool(v >= float(sel_cfg.min_score)) for v in scores]
+    keep_rejected = bool(sel_cfg.get("keep_rejected", False))
+    if keep_rejected:
+        (out / "rejected").mkdir(exist_ok=True)
     rows = []
-    for p, img in zip(plan, imgs):
-        f = Path("images") / f"r{p['row']:06d}_s{p['sample']:03d}_seed{p['seed']}.png"
-        _save_png(img, out / f)
-        rows.append({"file": f.as_posix(), **p, **settings, "run_dir": str(run_dir.resolve()),
-                     "checkpoint": str(ckpt), "shard": shard, "n_shards": n_shards})
+    for i, (p, img) in enumerate(zip(plan, imgs)):
+        stem = f"r{p['row']:06d}_s{p['sample']:03d}_seed{p['seed']}.png"
+        f = Path("images" if kept[i] else "rejected") / stem
+        if kept[i] or keep_rejected:
+            _save_png(img, out / f)
+        row = {"file": f.as_posix() if kept[i] else "", **p, **settings, "run_dir": str(run_dir.resolve()),
+               "checkpoint": str(ckpt), "shard": shard, "n_shards": n_shards}
+        if lora_info is not None:
+            row["lora"] = str(Path(str(cfg.lora)).expanduser().resolve())
+        if selector is not None:
+            row.update(selector_run=str(selector.run_dir.resolve()), selector_score=float(scores[i]),
+                       selector_p_top=float(p_top[i]), kept=int(kept[i]))
+            if keep_rejected and not kept[i]:
+                row["rejected_file"] = f.as_posix()
+        rows.append(row)
     write_csv(out / name, pd.DataFrame(rows))
-    log.info(f"{len(rows)} images ({len(df)} prompt rows, shard {shard}/{n_shards}) -> {out}")
-    return {"out_dir": str(out), "n_images": len(rows), "csv": str(out / name)}
+    n_kept = sum(kept)
+    log.info(f"{len(rows)} images ({len(df)} prompt rows, shard {shard}/{n_shards}) -> {out}"
+             + (f"; the selector kept {n_kept} (score >= {sel_cfg.min_score})" if selector is not None
+                and sel_cfg.get("min_score") is not None else ""))
+    return {"out_dir": str(out), "n_images": len(rows), "n_kept": n_kept, "csv": str(out / name)}
 
-
-def read_generated(folder: str | Path) -> pd.DataFrame:
-    """The union of every ``generated*.csv`` under ``folder`` (the shards of one sampling job), with
-    ``path`` = the image file.
-
-    Raises:
-        FileNotFoundError: no CSV; ValueError: two shards wrote the same image.
-    """
-    folder = Path(folder)
-    csvs = sorted(folder.rglob("generated*.csv"))
-    if not csvs:
-        raise FileNotFoundError(f"{folder}: no generated*.csv (expected the output of generate.py)")
-    frames = []
-    for c in csvs:
-        d = pd.read_csv(c)
-        d["path"] = [str((c.parent / f).resolve()) for f in d["file"]]
-        frames.append(d)
-    df = pd.concat(frames, ignore_index=True)
-    dup = df[df.duplicated(["row", "sample"], keep=False)]
-    if len(dup):
-        raise ValueError(f"{folder}: image(s) of the same prompt row and sample in two shards: {dup['path'].tolist()[:4]}")
-    return df.sort_values(["row", "sample"]).reset_index(drop=True)

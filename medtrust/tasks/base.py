@@ -284,6 +284,8 @@ class TaskBase(L.LightningModule):
     evaluation_config: ClassVar[str] = "default"
     xai_target_kinds: ClassVar[tuple[str, ...]] = ()
     has_pixel_probabilities: ClassVar[bool] = False
+    # constructor arguments when a trained run is rebuilt from its checkpoint (all weights come from it)
+    rebuild_overrides: ClassVar[dict[str, Any]] = {"init_from": None}
 
     optimizer_factory: Callable[..., torch.optim.Optimizer]
     scheduler_factory: Callable[..., Any] | None = None

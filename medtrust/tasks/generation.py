@@ -12,7 +12,16 @@ denoising the latents of a frozen ``AutoencoderKL``.
   training image (mean and std) is computed once at fit start when the training pixels never change
   (``model.latent_cache``); every step still draws a fresh latent from it, as encoding would. ``model.lora.enabled=true``
   freezes the UNet and trains peft LoRA adapters on the cross-attention, the mid-block
-  self-attention and the output layers (start from a generator run with ``model.init_from``).
+  self-attention and the output layers (start from a generator run with ``model.init_from``); its
+  weights alone are written to ``<run>/lora/`` (:mod:`medtrust.generation.lora`). A base run whose
+  modalities differ keeps the embedding of every modality it shares by name; a new modality starts
+  from the mean of the base's embeddings.
+- Rating-driven fine-tuning (MINIM's RLHF step, ``model.reward.enabled``): the training images are the
+  generator's own samples with a ``reward`` (a selector's score); each sample's denoising loss is
+  weighted by ``exp((r - mean r) / temperature)`` (reward-weighted regression, normalised to mean 1 over
+  the training set and clipped) or by ``r >= threshold`` (filtered fine-tuning), plus ``kl_weight`` times
+  the distance of the LoRA prediction to the base prediction (adapters off) on the same noisy latents,
+  which keeps the fine-tuned generator close to the one it started from.
 - Sampling: DDIM, DPM-Solver++ or DDPM with guidance, negative prompts and a guidance schedule
   (:mod:`medtrust.generation.sampling`). Every image has its own seed: its initial noise depends on
   that seed alone, so the same seed gives the same image in any batch.
@@ -55,9 +64,39 @@ class Denoiser(nn.Module):
 
 def _ema_avg(decay: float):
     def avg(averaged: torch.Tensor, current: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        if torch.equal(averaged, current):  # a frozen weight (LoRA's base) stays bit-identical
+            return averaged
         d = min(decay, (1.0 + float(num)) / (10.0 + float(num)))  # warm-up, as diffusers' EMAModel
         return d * averaged + (1.0 - d) * current
     return avg
+
+
+REWARD_WEIGHTINGS = ("exp", "threshold")
+
+
+def reward_settings(reward: Mapping[str, Any] | None, lora: bool) -> dict[str, Any]:
+    """Validated ``model.reward`` settings (rating-driven fine-tuning).
+
+    Raises:
+        ValueError: an unknown weighting, a temperature <= 0, a max weight <= 0, or a KL weight
+            without LoRA (the base prediction comes from the same UNet with its adapters off).
+    """
+    r = {"enabled": False, "weighting": "exp", "temperature": 0.25, "threshold": None, "max_weight": 10.0,
+         "kl_weight": 0.0, **dict(reward or {})}
+    if not r["enabled"]:
+        return r
+    if r["weighting"] not in REWARD_WEIGHTINGS:
+        raise ValueError(f"model.reward.weighting={r['weighting']!r}; expected one of {REWARD_WEIGHTINGS}")
+    if r["weighting"] == "exp" and not float(r["temperature"]) > 0:
+        raise ValueError(f"model.reward.temperature must be > 0, got {r['temperature']}")
+    if r["weighting"] == "threshold" and r["threshold"] is None:
+        raise ValueError("model.reward.weighting=threshold needs model.reward.threshold (the lowest reward kept)")
+    if not float(r["max_weight"]) > 0:
+        raise ValueError(f"model.reward.max_weight must be > 0, got {r['max_weight']}")
+    if float(r["kl_weight"]) > 0 and not lora:
+        raise ValueError("model.reward.kl_weight > 0 needs model.lora.enabled=true (the base prediction is the UNet "
+                         "with its adapters off)")
+    return r
 
 
 class GenerationTask(TaskBase):
@@ -73,7 +112,10 @@ class GenerationTask(TaskBase):
         noise: ``{num_train_timesteps, beta_schedule, prediction_type}`` of the training scheduler.
         conditioning: ``{class_embedding, context_token, p_uncond}``.
         ema: ``{enabled, decay}``.
-        lora: ``{enabled, rank, alpha, dropout, target_modules}``.
+        lora: ``{enabled, rank, alpha, dropout, target_modules, train_condition_encoder, quantize}``
+            (``quantize``: ``nf4`` / ``fp4`` QLoRA on a CUDA GPU; an error on the CPU).
+        reward: ``{enabled, weighting (exp | threshold), temperature, threshold, max_weight, kl_weight}``
+            (rating-driven fine-tuning; training batches carry ``reward``).
         sampling: default ``{sampler, steps, guidance, guidance_schedule, min_guidance, negative_prompt}``.
         vae_run: a stage-1 autoencoder run folder (weights + ``vae_stats.json``), loaded at fit start.
         scaling_factor: the latent scaling factor when no ``vae_run`` gives it.
@@ -91,6 +133,8 @@ class GenerationTask(TaskBase):
     metric_group: ClassVar[str] = "gen"
     evaluation_config: ClassVar[str] = "generation"
     xai_target_kinds: ClassVar[tuple[str, ...]] = ("denoising_error",)
+    # a trained run's checkpoint holds its VAE: rebuilding needs neither vae_run nor init_from
+    rebuild_overrides: ClassVar[dict[str, Any]] = {"init_from": None, "allow_untrained_vae": True}
 
     def __init__(self, unet: nn.Module, vae: nn.Module, loss: nn.Module, optimizer: Any, modalities: Sequence[str],
                  text_encoder: Mapping[str, Any] | None = None, noise: Mapping[str, Any] | None = None,
@@ -100,7 +144,7 @@ class GenerationTask(TaskBase):
                  scaling_factor: float | None = None, val_timesteps: Sequence[int] = (100, 300, 500, 700, 900),
                  monitor: str = "val/gen/loss", monitor_mode: str = "min", init_from: str | None = None,
                  allow_untrained_vae: bool = False, latent_cache: bool | str = "auto",
-                 latent_cache_max_mb: float = 2048) -> None:
+                 latent_cache_max_mb: float = 2048, reward: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if not (vae_run or init_from or getattr(vae, "medtrust_source", None) or allow_untrained_vae):
             raise ValueError("model.vae_run is not set: stage 2 needs a trained autoencoder, a finished "
@@ -138,16 +182,28 @@ class GenerationTask(TaskBase):
         self.scheduler_interval, self.monitor = scheduler_interval, monitor
         self.val_timesteps = [int(t) for t in val_timesteps]
         self.init_report = self._init_from(init_from) if init_from else None
-        lo = {"enabled": False, "rank": 8, "alpha": None, "dropout": 0.0, **dict(lora or {})}
+        lo = {"enabled": False, "rank": 8, "alpha": None, "dropout": 0.0, "train_condition_encoder": True,
+              "quantize": None, **dict(lora or {})}
         self.lora_cfg = lo
         self.lora_params: dict[str, float] | None = None
+        self.reward_cfg = reward_settings(reward, bool(lo["enabled"]))
+        self.base_fingerprint: str | None = None
         if lo["enabled"]:
+            from medtrust.generation.lora import base_fingerprint, check_quantize, quantize_linear_layers
+
+            quant = check_quantize(lo.get("quantize"))  # QLoRA: a clear error without a CUDA GPU
+            self.base_fingerprint = base_fingerprint(self.denoiser.unet)  # the weights the adapters belong to
+            if quant:
+                n = quantize_linear_layers(self.denoiser.unet, quant)
+                log.info(f"QLoRA: {n} linear layers of the UNet quantised to 4 bit ({quant})")
             kwargs = {k: lo[k] for k in ("rank", "alpha", "dropout") if lo.get(k) is not None}
             if lo.get("target_modules"):
                 kwargs["target_modules"] = lo["target_modules"]
             self.lora_params = add_lora(self.denoiser.unet, **kwargs)
-            for p in self.denoiser.cond.parameters():  # the condition encoder stays trainable (small)
-                p.requires_grad_(True)
+            # the condition encoder (small) is trained with the adapters unless told not to: a new modality
+            # needs its embedding; rating-driven fine-tuning trains the adapters alone
+            for p in self.denoiser.cond.parameters():
+                p.requires_grad_(bool(lo["train_condition_encoder"]))
             log.info(f"LoRA: {self.lora_params['trainable']:,} of {self.lora_params['total']:,} UNet parameters "
                      f"trainable ({100 * self.lora_params['share']:.2f} %)")
         e = {"enabled": True, "decay": 0.999, **dict(ema or {})}
@@ -159,6 +215,10 @@ class GenerationTask(TaskBase):
         self.latent_cache_mode = str(latent_cache).lower()
         self.latent_cache_max_mb = float(latent_cache_max_mb)
         self._posteriors: tuple[torch.Tensor, torch.Tensor] | None = None  # train index -> (mean, std), CPU
+        # reward normalisation (rating-driven fine-tuning): (mean reward, normaliser), fitted on the training
+        # set's rewards at every fit start (also on resume); not a buffer, so older checkpoints still load
+        self.reward_stats = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        self.reward_info: dict[str, float] | None = None
 
     def _init_from(self, path: str) -> dict[str, list[str]]:
         """Initialise from a generator checkpoint, taking its EMA weights when it has them (the ones it
@@ -175,14 +235,42 @@ class GenerationTask(TaskBase):
         if ema:
             sd = {k: v for k, v in sd.items() if not k.startswith("ema.")}
             sd.update({f"denoiser.{k}": v for k, v in ema.items()})
+        base_mods = (state.get("hyper_parameters") or {}).get("modalities") if isinstance(state, dict) else None
+        mapped = self._map_modalities(sd, list(base_mods) if base_mods else None)
         report = load_init_weights(self, p, state=sd)
         report["ema_weights"] = bool(ema)
+        if mapped:
+            report["modalities"] = mapped
         return report
+
+    def _map_modalities(self, sd: dict[str, torch.Tensor], base: list[str] | None) -> dict[str, Any] | None:
+        """Rewrite the base checkpoint's modality embedding (``sd``, in place) to this task's modalities:
+        rows of shared names are kept, a new modality gets the mean of the base's rows, the null modality
+        (the last row) stays the null modality."""
+        key = "denoiser.cond.fusion.embedding.weight"
+        if base is None or key not in sd or [str(m) for m in base] == self.modalities:
+            return None
+        old = sd[key]
+        if old.shape[0] != len(base) + 1:
+            return None
+        rows = [old[base.index(m)] if m in base else old[:-1].mean(0) for m in self.modalities]
+        sd[key] = torch.stack([*rows, old[-1]])
+        shared = [m for m in self.modalities if m in base]
+        new = [m for m in self.modalities if m not in base]
+        log.info(f"model.init_from: modality embedding of {shared} kept from the base run; new {new} start from the "
+                 f"mean of its {len(base)} modalities")
+        return {"base": list(base), "shared": shared, "new": new, "dropped": [m for m in base if m not in self.modalities]}
 
     # -- stage 1 -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.vae_run and not self.init_report:
+        """Load the stage-1 autoencoder of ``vae_run`` at fit start. With ``init_from`` too, the VAE of
+        ``vae_run`` replaces the one that came with the checkpoint (adapting a generator to a domain its
+        own VAE cannot represent: the phantom VAE reconstructs real images at about 13 dB PSNR)."""
+        if stage == "fit" and self.vae_run:
             from medtrust.tasks.autoencoder import read_vae_run
+
+            if self.init_report:
+                log.info(f"model.vae_run={self.vae_run} replaces the VAE of model.init_from")
 
             weights, stats = read_vae_run(self.vae_run)
             try:
@@ -196,7 +284,47 @@ class GenerationTask(TaskBase):
                 self.ema.module.load_state_dict(self.denoiser.state_dict())
 
     def on_fit_start(self) -> None:
-        self.build_latent_cache(getattr(self.trainer, "datamodule", None))
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.reward_cfg["enabled"]:
+            self.fit_reward_weights(dm)
+        self.build_latent_cache(dm)
+
+    def fit_reward_weights(self, dm: Any) -> dict[str, float]:
+        """The mean reward of the training set and the normaliser that gives its weights mean 1.
+
+        Raises:
+            ValueError: training records without a ``reward`` (e.g. real images instead of rated samples).
+        """
+        recs = dm.dataset("train").records if dm is not None else []
+        rewards = [r.get("reward") for r in recs]
+        if not rewards or any(v is None for v in rewards):
+            raise ValueError("model.reward.enabled=true but the training images have no reward: train on rated samples "
+                             "(data.train_source with reward_column, e.g. generate.py selector_run=<run> output)")
+        r = torch.tensor(rewards, dtype=torch.float64)
+        self.reward_stats = torch.tensor([float(r.mean()), 1.0], dtype=torch.float64)
+        w = self._raw_weights(r)
+        norm = float(w.mean()) if float(w.mean()) > 0 else 1.0
+        self.reward_stats = torch.tensor([float(r.mean()), norm], dtype=torch.float64)
+        w = (w / norm).clamp(max=float(self.reward_cfg["max_weight"]))
+        info = {"n": len(r), "reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
+                "weight_max": float(w.max()), "weight_min": float(w.min()),
+                "effective_sample_size": float(w.sum() ** 2 / (w ** 2).sum()) if float(w.sum()) > 0 else 0.0}
+        log.info(f"reward weights ({self.reward_cfg['weighting']}): {info}")
+        self.reward_info = info
+        return info
+
+    def _raw_weights(self, reward: torch.Tensor) -> torch.Tensor:
+        c = self.reward_cfg
+        mean = self.reward_stats[0].to(reward)
+        if c["weighting"] == "threshold":
+            return (reward >= float(c["threshold"])).to(reward)
+        return torch.exp((reward - mean) / float(c["temperature"]))
+
+    def reward_weights(self, reward: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights of rewards (mean 1 over the training set, clipped at max_weight)."""
+        r = torch.as_tensor(reward, dtype=torch.float64)
+        w = self._raw_weights(r) / self.reward_stats[1].to(r)
+        return w.clamp(max=float(self.reward_cfg["max_weight"])).float()
 
     def build_latent_cache(self, dm: Any) -> bool:
         """Compute the VAE posterior of every training image of ``dm`` once (``model.latent_cache``).
@@ -305,7 +433,8 @@ class GenerationTask(TaskBase):
     # -- training -----------------------------------------------------------------------------------
     def _loss(self, batch: Mapping[str, Any], generator: torch.Generator | None, timesteps: torch.Tensor | None,
               drop: torch.Tensor | None, net: Denoiser,
-              posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              posterior: tuple[torch.Tensor, torch.Tensor] | None = None, weights: torch.Tensor | None = None,
+              kl_weight: float = 0.0, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         b = len(batch["image"])
         mean, std = posterior if posterior is not None else self.posterior(batch)
         # a draw from the posterior, as AutoencoderKL's latent_dist.sample
@@ -318,12 +447,36 @@ class GenerationTask(TaskBase):
         states, mask, pooled, modality = self.conditions(batch["text"], torch.as_tensor(batch["modality"]), drop)
         pred = net(noisy, timesteps, states, mask, pooled, modality)
         target = diffusion_target(self.noise_scheduler, z, noise, timesteps)
-        return self.loss(pred, target, timesteps, self.noise_scheduler)
+        loss = self.loss(pred, target, timesteps, self.noise_scheduler, weights=weights)
+        if kl_weight > 0:
+            # the base generator's prediction on the same noisy latents: the UNet with its adapters off
+            with torch.no_grad():
+                net.unet.disable_adapters()
+                try:
+                    base = net(noisy, timesteps, states, mask, pooled, modality)
+                finally:
+                    net.unet.enable_adapters()
+            kl = (pred.float() - base.float()).pow(2).flatten(1).mean(1).mean()
+            if parts is not None:
+                parts.update(denoising=loss.detach(), kl=kl.detach())
+            loss = loss + float(kl_weight) * kl
+        return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         b = len(batch["image"])
         drop = torch.rand(b) < float(self.conditioning["p_uncond"])
-        loss = self._loss(batch, None, None, drop, self.denoiser)
+        if not self.reward_cfg["enabled"]:
+            loss = self._loss(batch, None, None, drop, self.denoiser)
+        else:
+            if "reward" not in batch:
+                raise KeyError("model.reward.enabled=true but the training batch has no 'reward' (rated samples needed)")
+            w = self.reward_weights(batch["reward"]).to(batch["image"].device)
+            parts: dict[str, torch.Tensor] = {}
+            loss = self._loss(batch, None, None, drop, self.denoiser, weights=w,
+                              kl_weight=float(self.reward_cfg["kl_weight"]), parts=parts)
+            self.log("train/reward_weight_max", float(w.max()), on_step=False, on_epoch=True, batch_size=b)
+            for k, v in parts.items():
+                self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=b)
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=b, prog_bar=True)
         return loss
 
@@ -407,8 +560,14 @@ class GenerationTask(TaskBase):
 
     # -- the contract ----------------------------------------------------------------------------
     def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any] | None:
+        """Fit the judge and the alignment model (or reuse another run's); a LoRA run also writes its
+        adapters alone to ``<run>/lora/``."""
         from medtrust.evaluation.generation import fit_evaluators
 
+        if self.lora_cfg["enabled"] and not (Path(run_dir) / "lora" / "adapter.safetensors").exists():
+            from medtrust.generation.lora import save_lora
+
+            save_lora(self, Path(run_dir) / "lora", run_dir)
         return fit_evaluators(self, datamodule, Path(run_dir), evaluation)
 
     @classmethod
