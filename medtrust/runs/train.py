@@ -60,6 +60,8 @@ def train(cfg: DictConfig) -> float | None:
     with the error), so a sweep summary can tell failed jobs from finished ones.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("pipeline"):
+        return _pipeline(cfg, run_dir)
     if global_rank() != 0:
         # another DDP rank, started by Lightning in rank 0's folder: it trains, rank 0 writes. On a
         # resume it must start from the same checkpoint as rank 0 (rank 0 has checked and recorded it).
@@ -102,6 +104,28 @@ def train(cfg: DictConfig) -> float | None:
 
 
 _SIGTERM = SigtermWatch()
+
+
+def _pipeline(cfg: DictConfig, run_dir: Path) -> float | None:
+    """A study of several runs (``pipeline`` in the config, e.g. ``experiment=minim_quality``): its stages
+    are ordinary runs in sub-folders of this run folder; it writes its own metrics and report."""
+    if cfg.get("resume") and cfg.resume.get("enabled"):
+        raise RunDirError("resume=true: a pipeline is not resumed; give its finished stages as inputs instead "
+                          "(e.g. pipeline.generator_run, pipeline.selector_run, pipeline.finetune_run)")
+    claim_run_dir(run_dir, {"task_name": cfg.task_name, "seed": int(cfg.seed), "pipeline": cfg.pipeline.get("_target_")})
+    write_json(run_dir / "status.json", {"status": "running"})
+    setup_runtime(cfg)
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    try:
+        pipeline = instantiate(cfg.pipeline, _convert_="all")  # a target of the project's conf/ tree
+        result = pipeline.execute(run_dir)  # runs its stages, writes its metrics and report
+    except Exception as err:
+        write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        raise
+    write_json(run_dir / "status.json", {"status": "completed"})
+    log.info(f"pipeline folder: {run_dir}  report: {run_dir / 'report' / 'index.html'}")
+    value = result.get("quality", {}).get(str(cfg.get("optimized_metric") or "").split("/")[-1])
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _interrupted(run_dir: Path, err: BaseException) -> None:
@@ -207,7 +231,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
     if trainer.is_global_zero:
         extra = {"checkpoint": str(ckpt) if ckpt else None, "fit_seconds": round(fit_seconds, 1),
                  "epochs": int(trainer.current_epoch), "seed": int(cfg.seed),
-                 "checkpoint_chosen_on": "val"}
+                 "checkpoint_chosen_on": _chosen_on(cfg)}
         fitted = task.post_fit(dm, run_dir, cfg.get("evaluation"))  # e.g. temperature on the calibration split
         splits = ["val"] + (["test"] if cfg.get("test", True) and dm.has_split("test") else [])
         for split in splits:
@@ -218,6 +242,14 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
         log.info(f"run folder: {run_dir}  report: {report}")
     _finish_wandb(loggers)
     return _metric_value(cfg, results)
+
+
+def _chosen_on(cfg: DictConfig) -> str:
+    """What chose the evaluated checkpoint: val (a monitored metric) or nothing (the last epoch)."""
+    mc = OmegaConf.select(cfg, "callbacks.model_checkpoint")
+    if not cfg.get("train", True):
+        return "none (not trained: the initial weights)"
+    return "val" if mc is None or mc.get("monitor") else "none (the last epoch)"
 
 
 def _best_checkpoint(trainer: L.Trainer, run_dir: Path) -> Path | None:

@@ -83,8 +83,14 @@ def test_every_augment_preset_builds(preset):
 @pytest.mark.parametrize("experiment", names("experiment"))
 def test_every_experiment_composes(experiment, tmp_path):
     c = cfg(f"experiment={experiment}", f"data.root={tmp_path}" if "glassbox_" in experiment and "ph2" not in experiment else "seed=1")
-    task = "ClassificationTask" if experiment.startswith("tmv_") else "SegmentationTask"
-    if experiment.startswith("minim"):
+    if c.get("pipeline"):  # a study of several runs: its stages are other experiments
+        loop = instantiate(c.pipeline, _convert_="all")
+        assert type(loop).__name__ == "QualityLoop" and c.task_name == "quality_loop"
+        for stage in ("base_vae", "base"):
+            assert any(o.startswith("experiment=") for o in loop.overrides[stage])
+        return
+    task = "ClassificationTask" if experiment.startswith(("tmv_", "minim_selector")) else "SegmentationTask"
+    if experiment.startswith("minim") and task != "ClassificationTask":
         task = "AutoencoderTask" if experiment.endswith("_vae") else "GenerationTask"
     assert c.model._target_.endswith(task)
     instantiate(c.model.unet if task == "GenerationTask" else c.model.net, _convert_="all")  # sizes checked here
@@ -100,7 +106,7 @@ def test_default_config_is_the_phantom_segmenter():
 @pytest.mark.parametrize("data", names("data"))
 def test_every_data_config_instantiates(data, tmp_path):
     required = {"csv": "data.manifest", "chexpert": "data.manifest", "text_csv": "data.manifest", "isic2018": "data.root", "folder": "data.root",
-                "nih_chestxray14": "data.root", "medmnist": "data.path"}
+                "nih_chestxray14": "data.root", "medmnist": "data.path", "ratings": "data.manifest", "generated": "data.root"}
     extra = [f"{required[data]}={tmp_path}"] if data in required else []
     dm = instantiate(cfg(f"data={data}", *extra).data)
     assert dm.channels in (1, 3) and hasattr(dm.source, "records")
