@@ -41,7 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medtrust.metrics.selection import kept_composition, paired_share_change, wilson
-from medtrust.utils.io import read_json, write_csv, write_json
+from medtrust.utils.io import atomic_write_bytes, read_json, write_csv, write_json
 from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -131,7 +131,7 @@ class QualityLoop:
 
     def _write_commands(self) -> None:
         lines = [f"# {c['stage']} ({c['seconds']} s, exit {c['returncode']})\n{c['command']}\n" for c in self.commands]
-        (self.run_dir / "commands.txt").write_text("".join(lines))
+        atomic_write_bytes(self.run_dir / "commands.txt", "".join(lines).encode())
 
     def _train(self, name: str, args: Sequence[str]) -> Path:
         out = self.run_dir / name

@@ -205,6 +205,14 @@ class RatingsSource:
             rating = int(math.floor(centre + 0.5))  # half up: a 2.5 mean is a 3
             out.append({**base, "id": record_id(rel, self.images), "label": rating - lo, "patient_id": group,
                         "attrs": attrs})
+        # the make-up of the rated images (what the selector learns from), per attribute
+        by: dict[str, dict[str, int]] = {}
+        for rec in out if self.aggregate != "each" else {r["path"]: r for r in out}.values():
+            for k, v in rec["attrs"].items():
+                if k != "rater":
+                    by.setdefault(k, {}).setdefault(v, 0)
+                    by[k][v] += 1
+        self.counts["images_by_attribute"] = {k: dict(sorted(v.items())) for k, v in sorted(by.items())}
         return out
 
     def _attributes(self, known: pd.DataFrame | None):

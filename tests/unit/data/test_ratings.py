@@ -51,6 +51,8 @@ def test_mean_of_raters_is_the_label_and_the_generated_csv_gives_group_and_attri
     assert r1["patient_id"] == "prompt1" and r1["attrs"] == {"modality": "ct", "sex": "F", "age_group": "<40"}
     assert src.counts["n_images"] == 3 and src.counts["n_ratings"] == 5 and src.counts["n_raters"] == 2
     assert src.summary()["ratings"]["agreement"]["n_pairable"] == 2
+    assert src.counts["images_by_attribute"] == {"age_group": {"<40": 3}, "modality": {"ct": 1, "cxr": 2},
+                                                 "sex": {"F": 2, "M": 1}}
 
 
 def test_each_rating_is_a_sample_and_an_images_ratings_share_one_group(tmp_path):
