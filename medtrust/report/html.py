@@ -145,10 +145,22 @@ def _data_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
         key = json.dumps(d, sort_keys=True, default=str)
         if d and key not in seen:
             seen.add(key)
-            rows.append({"evaluated split": s, "source": d.get("source"), "split method": d.get("split_method"),
-                         "split sizes": d.get("split_counts"),
-                         "licence": dataset_licence(d.get("location")) or "see data set README / phantom (generated)"})
+            row = {"evaluated split": s, "source": d.get("source"), "split method": d.get("split_method"),
+                   "split sizes": d.get("split_counts"),
+                   "licence": dataset_licence(d.get("location")) or "see data set README / phantom (generated)"}
+            if d.get("ratings"):  # a rating data set: how many raters and how far they agree
+                row["ratings"] = _ratings_text(d["ratings"])
+            rows.append(row)
     return rows
+
+
+def _ratings_text(r: Mapping[str, Any]) -> str:
+    a = r.get("agreement") or {}
+    alpha = (f"Krippendorff's α ({a.get('level')}) {a['alpha']:.3f}"
+             + (f" [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" if a.get("ci95") else "")
+             if a.get("alpha") is not None else f"α undefined ({a.get('reason')})")
+    return (f"{r.get('n_ratings')} ratings of {r.get('n_images')} images by {r.get('n_raters')} raters "
+            f"(aggregate: {r.get('aggregate')}); {alpha}; per attribute {r.get('images_by_attribute')}")
 
 
 def limitations(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:

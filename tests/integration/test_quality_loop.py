@@ -77,6 +77,7 @@ def test_ratings_are_the_simulated_raters_of_the_rated_pool_and_the_selector_is_
     assert sel["task"] == "classification" and sel["n_classes"] == 3
     assert "ece_top_label" in json.dumps(sel) and sel["data"]["ratings"]["n_raters"] == 3
     assert (loop / "selector" / "calibration.json").is_file()
+    assert "Krippendorff" in (loop / "selector" / "report" / "index.html").read_text()  # the raters' agreement
 
 
 def test_generate_applies_the_lora_folder_to_the_base_and_filters_with_the_selector(loop, tmp_path):
