@@ -145,7 +145,10 @@ def save_lora(task: Any, folder: str | Path, run_dir: str | Path | None = None) 
     info = {"rank": int(lo["rank"]), "alpha": float(lo["alpha"] if lo.get("alpha") is not None else lo["rank"]),
             "dropout": float(lo.get("dropout") or 0.0), "target_modules": lo.get("target_modules"),
             "targeted": targeted_modules(net.unet), "condition_encoder": cond_trained,
-            "base": {"unet_config": unet_shape_config(net.unet), "fingerprint": task.base_fingerprint,
+            # the base weights are frozen (and the EMA keeps frozen weights bit-identical), so they are the
+            # weights the run started from; a QLoRA run hashed them before quantising them
+            "base": {"unet_config": unet_shape_config(net.unet),
+                     "fingerprint": getattr(task, "base_fingerprint", None) or base_fingerprint(net.unet),
                      "init_from": task.hparams.get("init_from")},
             "modalities": list(task.modalities), "run_dir": str(run_dir) if run_dir else None,
             "n_tensors": len(tensors), "bytes": int((folder / WEIGHTS).stat().st_size),

@@ -192,8 +192,8 @@ class GenerationTask(TaskBase):
             from medtrust.generation.lora import base_fingerprint, check_quantize, quantize_linear_layers
 
             quant = check_quantize(lo.get("quantize"))  # QLoRA: a clear error without a CUDA GPU
-            self.base_fingerprint = base_fingerprint(self.denoiser.unet)  # the weights the adapters belong to
-            if quant:
+            if quant:  # the fingerprint of the base weights before 4-bit quantisation changes them
+                self.base_fingerprint = base_fingerprint(self.denoiser.unet)
                 n = quantize_linear_layers(self.denoiser.unet, quant)
                 log.info(f"QLoRA: {n} linear layers of the UNet quantised to 4 bit ({quant})")
             kwargs = {k: lo[k] for k in ("rank", "alpha", "dropout") if lo.get(k) is not None}
