@@ -60,3 +60,36 @@ def test_balanced_sampling_evens_out_classes():
         return labels.float().mean().item()
 
     assert share(False) < 0.3 and 0.4 < share(True) < 0.6
+
+
+def test_train_source_replaces_the_training_split_only():
+    """data.train_source: train on one source (e.g. rated generated samples), validate and test on another."""
+    from medtrust.data.records import DataError
+
+    class Other:
+        def __init__(self, recs):
+            self.recs = recs
+
+        def records(self):
+            return self.recs
+
+        def describe(self):
+            return "other()"
+
+    real = PhantomDermSource(n_images=30, size=32, seed=1)
+    donor = PhantomDermSource(n_images=6, size=32, seed=2).records()
+    extra = [{**r, "id": f"gen_{i}", "patient_id": f"gen{i}", "reward": float(i)} for i, r in enumerate(donor)]
+    dm = ImageDataModule(real, image_size=[32, 32], batch_size=6, train_source=Other(extra))
+    plain = ImageDataModule(real, image_size=[32, 32], batch_size=6)
+    assert [r["id"] for r in dm.split_records["train"]] == [f"gen_{i}" for i in range(6)]
+    for split in ("val", "test"):
+        assert [r["id"] for r in dm.split_records[split]] == [r["id"] for r in plain.split_records[split]]
+    b = next(iter(dm.dataloader("train")))
+    assert sorted(b["reward"].tolist()) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the batch carries the reward
+    assert "reward" not in next(iter(dm.dataloader("val")))
+    assert dm.summary()["train_source"] == "other()" and "train from other()" in dm.summary()["split_method"]
+    clash = [{**extra[0], "id": plain.split_records["val"][0]["id"]}]
+    with pytest.raises(DataError, match="occur more than once"):
+        ImageDataModule(real, image_size=[32, 32], train_source=Other(clash)).split_records
+    with pytest.raises(DataError, match="yielded no records"):
+        ImageDataModule(real, image_size=[32, 32], train_source=Other([])).split_records
