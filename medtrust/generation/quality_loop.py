@@ -65,6 +65,8 @@ class QualityLoop:
         generator_run: a trained generator run; None trains one (``base_vae`` then ``base`` overrides).
         selector_run: a trained selector run (skips rating and selector training).
         finetune_run: a fine-tuned run of ``generator_run`` (skips fine-tuning; only measures).
+        policy_pool: a scored sample folder of ``generator_run`` (``generate.py selector.run=...``) to fine-tune on
+            (skips sampling it).
         ratings, rated_images: a ratings CSV of real raters and the folder of its images (skips the
             simulated raters; the rated images must be samples of the generator).
         rater: the known quality function (a partial of
@@ -81,13 +83,15 @@ class QualityLoop:
     """
 
     def __init__(self, generator_run: str | None = None, selector_run: str | None = None,
-                 finetune_run: str | None = None, ratings: str | None = None, rated_images: str | None = None,
+                 finetune_run: str | None = None, policy_pool: str | None = None, ratings: str | None = None,
+                 rated_images: str | None = None,
                  rater: Any = None, raters: Sequence[Mapping[str, float]] = (), base_vae: Sequence[str] = (),
                  base: Sequence[str] = (), selector: Sequence[str] = (), finetune: Sequence[str] = (),
                  common: Sequence[str] = (), prompts: Mapping[str, Any] | None = None,
                  sampling: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None,
                  batch_size: int = 32) -> None:
         self.generator_run, self.selector_run, self.finetune_run = generator_run, selector_run, finetune_run
+        self.policy_pool = policy_pool
         if bool(ratings) != bool(rated_images):
             raise ValueError("pipeline.ratings and pipeline.rated_images go together: a ratings CSV of real raters and "
                              "the folder (a generate.py output of the generator) its paths point into")
@@ -164,6 +168,7 @@ class QualityLoop:
         rated_dir, truth = None, None
         if self.selector_run:
             selector = Path(self.selector_run)
+            truth = self.selector_truth(selector, data)
         else:
             if self.ratings:
                 ratings, rated_dir = Path(self.ratings), Path(self.rated_images)
@@ -176,9 +181,9 @@ class QualityLoop:
         if self.finetune_run:
             tuned = Path(self.finetune_run)
         else:
-            pool = self._generate("pool_policy", gen, prompts["policy"], int(self.prompt_cfg["policy_per_prompt"]),
-                                  int(self.prompt_cfg["seed"]) + 10**6,
-                                  [f"selector.run={selector}", f"selector.score={self.eval_cfg['score']}"])
+            pool = Path(self.policy_pool) if self.policy_pool else self._generate(
+                "pool_policy", gen, prompts["policy"], int(self.prompt_cfg["policy_per_prompt"]),
+                int(self.prompt_cfg["seed"]) + 10**6, [f"selector.run={selector}", f"selector.score={self.eval_cfg['score']}"])
             tuned = self._train("finetune", ["experiment=minim_rlhf", *data["overrides"], f"generator_run={gen}",
                                              f"data.train_source.folder={pool}", *self.overrides["finetune"]])
         result = self.measure(gen, selector, tuned, data, prompts["eval"], truth)
@@ -230,6 +235,25 @@ class QualityLoop:
         folder = self.run_dir / "ratings"
         write_csv(folder / "truth.csv", truth)
         return write_csv(folder / "ratings.csv", ratings), truth
+
+    def selector_truth(self, selector: Path, data: Mapping[str, Any]) -> pd.DataFrame | None:
+        """The known quality of the images a given selector run was trained and tested on (its
+        ``data.root``, a generate.py folder), so its accuracy against the truth is measured too."""
+        from medtrust.data.sources.generated import read_generated
+        from medtrust.runs.rundir import load_run_config
+
+        rater = self.known_rater(data)
+        root = load_run_config(selector).data.get("root")
+        if rater is None or not root or not Path(str(root)).is_dir():
+            return None
+        table = read_generated(Path(str(root)))
+        table = table[table["path"] != ""]
+        if not set(table["modality"]) <= set(rater.modalities):
+            return None
+        images = load_images(table["path"])
+        return pd.DataFrame({"path": table["file"], "modality": table["modality"],
+                             "contrast": rater.contrast(images, list(table["modality"])),
+                             "rating": rater.rate(images, list(table["modality"]))})
 
     def known_rater(self, data: Mapping[str, Any]) -> Any:
         if self.rater_factory is None:

@@ -72,6 +72,7 @@ def _ema_avg(decay: float):
 
 
 REWARD_WEIGHTINGS = ("exp", "threshold")
+REWARD_BASELINES = ("global", "modality")
 
 
 def reward_settings(reward: Mapping[str, Any] | None, lora: bool) -> dict[str, Any]:
@@ -82,9 +83,11 @@ def reward_settings(reward: Mapping[str, Any] | None, lora: bool) -> dict[str, A
             without LoRA (the base prediction comes from the same UNet with its adapters off).
     """
     r = {"enabled": False, "weighting": "exp", "temperature": 0.25, "threshold": None, "max_weight": 10.0,
-         "kl_weight": 0.0, **dict(reward or {})}
+         "kl_weight": 0.0, "baseline": "global", **dict(reward or {})}
     if not r["enabled"]:
         return r
+    if r["baseline"] not in REWARD_BASELINES:
+        raise ValueError(f"model.reward.baseline={r['baseline']!r}; expected one of {REWARD_BASELINES}")
     if r["weighting"] not in REWARD_WEIGHTINGS:
         raise ValueError(f"model.reward.weighting={r['weighting']!r}; expected one of {REWARD_WEIGHTINGS}")
     if r["weighting"] == "exp" and not float(r["temperature"]) > 0:
@@ -114,7 +117,8 @@ class GenerationTask(TaskBase):
         ema: ``{enabled, decay}``.
         lora: ``{enabled, rank, alpha, dropout, target_modules, train_condition_encoder, quantize}``
             (``quantize``: ``nf4`` / ``fp4`` QLoRA on a CUDA GPU; an error on the CPU).
-        reward: ``{enabled, weighting (exp | threshold), temperature, threshold, max_weight, kl_weight}``
+        reward: ``{enabled, weighting (exp | threshold), temperature, threshold, max_weight, kl_weight,
+            baseline (global | modality)}``
             (rating-driven fine-tuning; training batches carry ``reward``).
         sampling: default ``{sampler, steps, guidance, guidance_schedule, min_guidance, negative_prompt}``.
         vae_run: a stage-1 autoencoder run folder (weights + ``vae_stats.json``), loaded at fit start.
@@ -217,7 +221,7 @@ class GenerationTask(TaskBase):
         self._posteriors: tuple[torch.Tensor, torch.Tensor] | None = None  # train index -> (mean, std), CPU
         # reward normalisation (rating-driven fine-tuning): (mean reward, normaliser), fitted on the training
         # set's rewards at every fit start (also on resume); not a buffer, so older checkpoints still load
-        self.reward_stats = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        self.reward_stats = torch.tensor([[0.0, 1.0]] * (len(self.modalities) + 1), dtype=torch.float64)
         self.reward_info: dict[str, float] | None = None
 
     def _init_from(self, path: str) -> dict[str, list[str]]:
@@ -289,8 +293,14 @@ class GenerationTask(TaskBase):
             self.fit_reward_weights(dm)
         self.build_latent_cache(dm)
 
-    def fit_reward_weights(self, dm: Any) -> dict[str, float]:
-        """The mean reward of the training set and the normaliser that gives its weights mean 1.
+    def fit_reward_weights(self, dm: Any) -> dict[str, Any]:
+        """Per baseline group (all samples, or each modality: ``model.reward.baseline``) the mean reward and
+        the normaliser that gives the group's weights mean 1, from the training set's rewards.
+
+        With ``baseline: modality`` every modality keeps its share of the training weight, and a sample is
+        weighted by how it compares with the other samples of its modality: a modality the selector rates
+        low as a whole is improved, not abandoned (the variance-reducing per-prompt-group baseline of
+        policy-gradient fine-tuning, as DDPO's per-prompt statistics).
 
         Raises:
             ValueError: training records without a ``reward`` (e.g. real images instead of rated samples).
@@ -301,29 +311,44 @@ class GenerationTask(TaskBase):
             raise ValueError("model.reward.enabled=true but the training images have no reward: train on rated samples "
                              "(data.train_source with reward_column, e.g. generate.py selector_run=<run> output)")
         r = torch.tensor(rewards, dtype=torch.float64)
-        self.reward_stats = torch.tensor([float(r.mean()), 1.0], dtype=torch.float64)
-        w = self._raw_weights(r)
-        norm = float(w.mean()) if float(w.mean()) > 0 else 1.0
-        self.reward_stats = torch.tensor([float(r.mean()), norm], dtype=torch.float64)
-        w = (w / norm).clamp(max=float(self.reward_cfg["max_weight"]))
+        g = self._reward_group(torch.tensor([int(rec.get("modality") or 0) for rec in recs]))
+        stats = torch.tensor([[float(r.mean()), 1.0]] * (len(self.modalities) + 1), dtype=torch.float64)
+        for k in torch.unique(g).tolist():
+            sel = g == k
+            mean = float(r[sel].mean())
+            w = self._raw_weights(r[sel], torch.full_like(r[sel], mean))
+            stats[k] = torch.tensor([mean, float(w.mean()) if float(w.mean()) > 0 else 1.0])
+        self.reward_stats = stats
+        w = self.reward_weights(r, g if self.reward_cfg["baseline"] == "modality" else None).double()
+        groups = {("all" if self.reward_cfg["baseline"] == "global" else self.modalities[k]):
+                  {"n": int((g == k).sum()), "reward_mean": float(stats[k, 0]), "weight_sum": float(w[g == k].sum())}
+                  for k in torch.unique(g).tolist()}
         info = {"n": len(r), "reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
                 "weight_max": float(w.max()), "weight_min": float(w.min()),
-                "effective_sample_size": float(w.sum() ** 2 / (w ** 2).sum()) if float(w.sum()) > 0 else 0.0}
-        log.info(f"reward weights ({self.reward_cfg['weighting']}): {info}")
+                "effective_sample_size": float(w.sum() ** 2 / (w ** 2).sum()) if float(w.sum()) > 0 else 0.0,
+                "baseline": self.reward_cfg["baseline"], "groups": groups}
+        log.info(f"reward weights ({self.reward_cfg['weighting']}, baseline {self.reward_cfg['baseline']}): {info}")
         self.reward_info = info
         return info
 
-    def _raw_weights(self, reward: torch.Tensor) -> torch.Tensor:
+    def _reward_group(self, modality: torch.Tensor) -> torch.Tensor:
+        return modality.long() if self.reward_cfg["baseline"] == "modality" else torch.zeros_like(modality).long()
+
+    def _raw_weights(self, reward: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         c = self.reward_cfg
-        mean = self.reward_stats[0].to(reward)
         if c["weighting"] == "threshold":
             return (reward >= float(c["threshold"])).to(reward)
         return torch.exp((reward - mean) / float(c["temperature"]))
 
-    def reward_weights(self, reward: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss weights of rewards (mean 1 over the training set, clipped at max_weight)."""
+    def reward_weights(self, reward: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss weights of rewards (mean 1 over the training set, or over each modality's
+        samples with ``baseline: modality``; clipped at max_weight)."""
         r = torch.as_tensor(reward, dtype=torch.float64)
-        w = self._raw_weights(r) / self.reward_stats[1].to(r)
+        if self.reward_cfg["baseline"] == "modality" and modality is None:
+            raise ValueError("model.reward.baseline=modality needs each sample's modality")
+        g = self._reward_group(torch.as_tensor(modality).cpu() if modality is not None else torch.zeros(len(r)))
+        st = self.reward_stats[g]
+        w = self._raw_weights(r, st[:, 0]) / st[:, 1]
         return w.clamp(max=float(self.reward_cfg["max_weight"])).float()
 
     def build_latent_cache(self, dm: Any) -> bool:
@@ -470,7 +495,7 @@ class GenerationTask(TaskBase):
         else:
             if "reward" not in batch:
                 raise KeyError("model.reward.enabled=true but the training batch has no 'reward' (rated samples needed)")
-            w = self.reward_weights(batch["reward"]).to(batch["image"].device)
+            w = self.reward_weights(batch["reward"], torch.as_tensor(batch["modality"])).to(batch["image"].device)
             parts: dict[str, torch.Tensor] = {}
             loss = self._loss(batch, None, None, drop, self.denoiser, weights=w,
                               kl_weight=float(self.reward_cfg["kl_weight"]), parts=parts)

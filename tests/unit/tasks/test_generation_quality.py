@@ -19,8 +19,8 @@ def _lora(**kw):
     return tiny_task(lora={"enabled": True, "rank": 4, "train_condition_encoder": False}, **kw)
 
 
-def _fake_dm(rewards):
-    recs = [{"reward": r} for r in rewards]
+def _fake_dm(rewards, modalities=None):
+    recs = [{"reward": r, "modality": m} for r, m in zip(rewards, modalities or [0] * len(rewards))]
     return SimpleNamespace(dataset=lambda split: SimpleNamespace(records=recs))
 
 
@@ -46,6 +46,25 @@ def test_reward_weights_are_exp_of_the_centred_reward_with_mean_one_and_clipped(
     assert thr.reward_weights(torch.tensor([1.0, 3.0])).tolist() == pytest.approx([0.0, 2.0])  # kept share 1/2 -> 2
     with pytest.raises(ValueError, match="have no reward"):
         t.fit_reward_weights(_fake_dm([1.0, None]))
+
+
+def test_a_per_modality_baseline_keeps_each_modalitys_share_of_the_weight():
+    """Rewards of fundus (modality 1) are all low: a global baseline drops it, a per-modality one does not."""
+    rewards, mods = [2.8, 3.0, 2.9, 1.2, 1.6, 1.4], [0, 0, 0, 1, 1, 1]
+    glob = _lora(reward={"enabled": True, "temperature": 0.25})
+    glob.fit_reward_weights(_fake_dm(rewards, mods))
+    wg = glob.reward_weights(torch.tensor(rewards))
+    assert float(wg[3:].sum()) < 0.01 * float(wg[:3].sum())  # fundus all but vanishes
+    per = _lora(reward={"enabled": True, "temperature": 0.25, "baseline": "modality"})
+    info = per.fit_reward_weights(_fake_dm(rewards, mods))
+    wp = per.reward_weights(torch.tensor(rewards), torch.tensor(mods))
+    assert float(wp[:3].sum()) == pytest.approx(3.0) and float(wp[3:].sum()) == pytest.approx(3.0)
+    assert float(wp[4]) > float(wp[5]) > float(wp[3])  # within fundus the better samples weigh more
+    assert info["groups"]["fundus"]["reward_mean"] == pytest.approx(1.4)
+    with pytest.raises(ValueError, match="needs each sample's modality"):
+        per.reward_weights(torch.tensor(rewards))
+    with pytest.raises(ValueError, match="model.reward.baseline='prompt'"):
+        _lora(reward={"enabled": True, "baseline": "prompt"})
 
 
 @pytest.mark.parametrize("reward, lora, message", [
