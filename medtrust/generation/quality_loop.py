@@ -384,6 +384,11 @@ class QualityLoop:
         folder = self.run_dir / "figures" / "quality_loop"
         n = int(self.eval_cfg["n_show"])
         idx = list(range(0, len(rows), max(1, len(rows) // n)))[:n]
+        if "rating_before" in rows:  # show what changed: gained a rating, lost one, then a spread of the rest
+            b, a = rows["rating_before"].to_numpy(), rows["rating_after"].to_numpy()
+            gained, lost = list(np.flatnonzero(a > b)), list(np.flatnonzero(a < b))
+            pick = gained[: (n + 1) // 2] + lost[: max(1, n // 4)]
+            idx = (pick + [i for i in idx if i not in pick])[:n]
         groups = {}
         for when, imgs in sets.items():
             cap = (lambda i, w=when: f"r{rows.get(f'rating_{w}', pd.Series(['?'] * len(rows)))[i]} "
@@ -391,7 +396,7 @@ class QualityLoop:
             groups[when] = [(imgs[i].permute(1, 2, 0).numpy(), cap(i)) for i in idx]
         out = [plot_image_grid(groups, folder / "before_after.png",
                                "same prompts and seeds: base (before) vs rating-fine-tuned (after); r = known rating, "
-                               "s = selector score")]
+                               "s = selector score (images whose rating changed first)")]
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
