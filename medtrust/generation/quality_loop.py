@@ -369,6 +369,7 @@ class QualityLoop:
             df = rows.assign(kept=rows[f"kept_{when}"])
             out["filtering"][when] = kept_composition(df, attrs, "kept", "prompt_id", n_boot=min(nb, 1000),
                                                       min_group_size=int(ec["min_group_size"]))
+        out["per_modality"] = per_modality_changes(rows, top, float(ec["keep_min_score"]))
         out["fine_tuning"] = finetune_summary(tuned)
         q = out["top_rated_share"]
         out["quality"] = {k2: v for k2, v in {
@@ -506,6 +507,25 @@ def _gaps(subgroups: Any) -> dict[str, Any]:
         out[attr] = {"n": {g: x.get("n") for g, x in (v.get("groups") or {}).items()},
                      "gaps": {name: {k: g.get(k) for k in ("gap", "ci95", "p_value", "highest", "lowest") if k in g}
                               for name, g in (v.get("gaps") or {}).items() if isinstance(g, dict)}}
+    return out
+
+
+def per_modality_changes(rows: pd.DataFrame, top: int, keep_min_score: float) -> dict[str, Any]:
+    """Per modality, before -> after: the known rating's top share and mean, the selector's mean score and
+    its keep share, and the judge's modality accuracy. Where the selector's score rises and the known
+    rating does not, the fine-tuning found a blind spot of the selector (reward hacking)."""
+    out = {}
+    for m, g in rows.groupby("modality", sort=True):
+        d: dict[str, Any] = {"n": int(len(g))}
+        for when in ("before", "after"):
+            v = {"selector_mean": float(g[f"selector_score_{when}"].mean()),
+                 "selector_keep_share": float((g[f"selector_score_{when}"] >= keep_min_score).mean())}
+            if f"rating_{when}" in g:
+                v.update(known_mean=float(g[f"rating_{when}"].mean()), top_rated_share=float((g[f"rating_{when}"] == top).mean()))
+            if f"modality_correct_{when}" in g:
+                v["modality_accuracy"] = float(g[f"modality_correct_{when}"].astype(float).mean())
+            d[when] = v
+        out[str(m)] = d
     return out
 
 

@@ -109,8 +109,17 @@ def quality_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) ->
                 {"figure": "probabilities", "value": f"{sel.get('method')}, temperature {sel.get('temperature') or 1:.2f} "
                                                       f"fitted on {sel.get('calibration_fitted_on')}"}]
     filt = {w: _filtering_rows(f) for w, f in (q.get("filtering") or {}).items()}
+    per_mod = []
+    for m, d in (q.get("per_modality") or {}).items():
+        b, a = d.get("before", {}), d.get("after", {})
+        row = {"modality": m, "n": d.get("n")}
+        for key, name in (("top_rated_share", "top-rated (known)"), ("known_mean", "mean known rating"),
+                          ("selector_mean", "mean selector score"), ("modality_accuracy", "modality accuracy (judge)")):
+            if key in b:
+                row[name] = f"{b[key]:.3f} → {a.get(key, float('nan')):.3f}"
+        per_mod.append(row)
     return [ReportSection("quality/quality.html.j2", {
-        "q": q, "change_rows": change_rows, "selector_rows": sel_rows, "filtering": filt,
+        "q": q, "change_rows": change_rows, "selector_rows": sel_rows, "filtering": filt, "per_modality": per_mod,
         "eval_selector": q.get("selector_on_eval_images") or {}, "commands": q.get("commands") or []})]
 
 

@@ -61,6 +61,9 @@ def test_loop_writes_every_stage_and_the_figures_the_issue_names(loop):
     # the same prompts and seeds before and after
     assert (per.groupby("prompt_id")["seed"].nunique() == 2).all()
     assert set(q["filtering"]["before"]["attributes"]) >= {"modality", "sex", "age_group"}
+    for m, d in q["per_modality"].items():  # per modality, from the same table
+        rows = per[per["modality"] == m]
+        assert d["n"] == len(rows) and d["after"]["top_rated_share"] == pytest.approx((rows["rating_after"] == 3).mean())
     assert q["selector"]["agreement"]["n_raters"] == 3
     assert 0 < q["fine_tuning"]["trainable_share_of_unet"] < 0.2 and q["fine_tuning"]["lora_bytes"] > 0  # tiny UNet
     assert set(q["selector"]["subgroup_gaps"]) >= {"modality", "sex"} and q["selector"]["ece_top_label"] is not None
