@@ -66,7 +66,9 @@ def test_loop_writes_every_stage_and_the_figures_the_issue_names(loop):
         assert d["n"] == len(rows) and d["after"]["top_rated_share"] == pytest.approx((rows["rating_after"] == 3).mean())
     assert q["selector"]["agreement"]["n_raters"] == 3
     assert 0 < q["fine_tuning"]["trainable_share_of_unet"] < 0.2 and q["fine_tuning"]["lora_bytes"] > 0  # tiny UNet
-    assert set(q["selector"]["subgroup_gaps"]) >= {"modality", "sex"} and q["selector"]["ece_top_label"] is not None
+    sel = json.loads((loop / "selector" / "metrics" / "test.json").read_text())
+    assert set(q["selector"]["subgroup_gaps"]) >= {"modality", "sex"}
+    assert q["selector"]["ece_top_label"] == sel["cal"]["ece_top_label"] and q["selector"]["n_test"] == sel["n_images"]
     html = (loop / "report" / "index.html").read_text()
     assert "Quality loop" in html and "top-rated share" in html
 
