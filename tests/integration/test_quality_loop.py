@@ -87,7 +87,7 @@ def test_ratings_are_the_simulated_raters_of_the_rated_pool_and_the_selector_is_
 
 def test_generate_applies_the_lora_folder_to_the_base_and_filters_with_the_selector(loop, tmp_path):
     base, tuned, selector = loop / "base", loop / "finetune", loop / "selector"
-    args = ["prompt=chest X-ray: no opacity", "modality=cxr", "n=3", "seed=5", "threads=1"]
+    args = ["prompt=chest X-ray: no opacity", "modality=cxr", "n=3", "seed=5", "threads=1", "++sampling.steps=2"]
     run_script("generate.py", f"run_dir={base}", f"lora={tuned / 'lora'}", *args, f"out_dir={tmp_path / 'lora'}")
     run_script("generate.py", f"run_dir={tuned}", *args, f"out_dir={tmp_path / 'run'}")
     # the base run + the LoRA folder makes the fine-tuned run's images
@@ -109,10 +109,10 @@ def test_generate_applies_the_lora_folder_to_the_base_and_filters_with_the_selec
 
 def test_lora_weights_refuse_another_base_and_min_score_needs_a_selector(loop, tmp_path):
     tuned = loop / "finetune"
-    # another generator with other UNet shapes: the toy generator of the generation CLI tests' config
+    # another generator with other UNet shapes (trained one epoch: generate.py needs a checkpoint)
     other = tmp_path / "other"
     run_script("train.py", "experiment=minim", f"model.vae_run={loop / 'base_vae'}", *DATA, *GEN,
-               "model.unet.block_out_channels=[16,16]", "train=false", "test=false", *EVAL, "threads=1",
+               "model.unet.block_out_channels=[16,16]", "test=false", *EVAL, "threads=1",
                f"hydra.run.dir={other}")
     proc = run_script("generate.py", f"run_dir={other}", f"lora={tuned / 'lora'}", "prompt=x", "modality=cxr", "n=1",
                       f"out_dir={tmp_path / 'x'}", check=False)
