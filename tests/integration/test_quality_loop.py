@@ -71,6 +71,10 @@ def test_loop_writes_every_stage_and_the_figures_the_issue_names(loop):
     assert q["selector"]["ece_top_label"] == sel["cal"]["ece_top_label"] and q["selector"]["n_test"] == sel["n_images"]
     html = (loop / "report" / "index.html").read_text()
     assert "Quality loop" in html and "top-rated share" in html
+    # the README's tables are printed from this JSON by a command
+    table = run_script("experiments/quality_loop_table.py", str(loop)).stdout
+    assert f"{top['before']:.3f} → {top['after']:.3f}, **{top['diff']:+.3f}**" in table
+    assert f"{acc['value']:.3f}" in table and "| sex |" in table and all(f"| {m} |" in table for m in q["per_modality"])
 
 
 def test_ratings_are_the_simulated_raters_of_the_rated_pool_and_the_selector_is_a_classifier_run(loop):
@@ -87,7 +91,7 @@ def test_ratings_are_the_simulated_raters_of_the_rated_pool_and_the_selector_is_
 
 def test_generate_applies_the_lora_folder_to_the_base_and_filters_with_the_selector(loop, tmp_path):
     base, tuned, selector = loop / "base", loop / "finetune", loop / "selector"
-    args = ["prompt=chest X-ray: no opacity", "modality=cxr", "n=3", "seed=5", "threads=1", "++sampling.steps=2"]
+    args = ["prompt=chest X-ray: no opacity", "modality=cxr", "n=3", "seed=5", "threads=1", "sampling.steps=2"]  # as the README: no ++
     run_script("generate.py", f"run_dir={base}", f"lora={tuned / 'lora'}", *args, f"out_dir={tmp_path / 'lora'}")
     run_script("generate.py", f"run_dir={tuned}", *args, f"out_dir={tmp_path / 'run'}")
     # the base run + the LoRA folder makes the fine-tuned run's images
