@@ -6,7 +6,8 @@
 Prints, as markdown: one row per run (selector accuracy against the known quality, the top-rated share
 before -> after with the paired prompt-cluster CI and sign-flip p, the selector's own top share, modality
 and finding accuracy and MS-SSIM before -> after), the per-modality table of the first run, and what the
-selector's filter keeps per modality, sex and age group (of the ``--filtering`` run, default the first).
+selector's filter keeps per modality, sex and age group (of the ``--filtering`` run, default the first), with
+each group's share of images top-rated by the known quality and the share of those the filter keeps.
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ def filtering(run: str, stage: str = "before", attributes: tuple[str, ...] = ("m
     f = q["filtering"][stage]
     lines = [f"{stage}: {f['n_kept']} of {f['n']} images kept (selector score ≥ {q['keep_min_score']}), "
              f"keep rate {_num(f['keep_rate'])} {_ci(f.get('keep_rate_ci'))}", "",
-             "| attribute | group | n | keep rate | share of all → of kept | change [95 % CI] | χ² p |",
-             "|---|---|---|---|---|---|---|"]
+             "| attribute | group | n | keep rate | share of all → of kept | change [95 % CI] | χ² p "
+             "| top-rated (known) | top-rated kept (recall) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for attr in attributes:
         a = f["attributes"].get(attr)
         if not a:
@@ -84,7 +86,9 @@ def filtering(run: str, stage: str = "before", attributes: tuple[str, ...] = ("m
         for i, (g, d) in enumerate(a["groups"].items()):
             lines.append(f"| {attr if i == 0 else ''} | {g} | {d['n']} | {_num(d['keep_rate'])} {_ci(d.get('keep_rate_ci'), 2)} "
                          f"| {_num(d['share_all'])} → {_num(d['share_kept'])} | {_num(d['share_change'], '+.3f')} "
-                         f"{_ci(d.get('share_change_ci'))} | {'' if i or p is None else f'{p:.2g}'} |")
+                         f"{_ci(d.get('share_change_ci'))} | {'' if i or p is None else f'{p:.2g}'} "
+                         f"| {_num(d.get('truth_rate'))} {_ci(d.get('truth_rate_ci'), 2)} "
+                         f"| {_num(d.get('recall'))} {_ci(d.get('recall_ci'), 2)} |")
     return "\n".join(lines)
 
 

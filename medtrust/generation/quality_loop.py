@@ -367,8 +367,11 @@ class QualityLoop:
         out["filtering"] = {}
         for when in ("before", "after"):
             df = rows.assign(kept=rows[f"kept_{when}"])
+            truth = None
+            if f"rating_{when}" in rows:  # known quality: the keep rate splits into the images' and the filter's part
+                df, truth = df.assign(top_rated=rows[f"rating_{when}"] == top), "top_rated"
             out["filtering"][when] = kept_composition(df, attrs, "kept", "prompt_id", n_boot=min(nb, 1000),
-                                                      min_group_size=int(ec["min_group_size"]))
+                                                      min_group_size=int(ec["min_group_size"]), truth=truth)
         out["per_modality"] = per_modality_changes(rows, top, float(ec["keep_min_score"]))
         out["fine_tuning"] = finetune_summary(tuned)
         q = out["top_rated_share"]

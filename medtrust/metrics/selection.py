@@ -95,17 +95,25 @@ def paired_share_change(before: np.ndarray | Sequence[bool], after: np.ndarray |
 
 
 def kept_composition(df: pd.DataFrame, attributes: Sequence[str], kept: str = "kept", cluster: str = "prompt_id",
-                     n_boot: int = 1000, seed: int = 0, min_group_size: int = 10) -> dict[str, Any]:
+                     n_boot: int = 1000, seed: int = 0, min_group_size: int = 10,
+                     truth: str | None = None) -> dict[str, Any]:
     """What filtering does to who and what is kept: per attribute and group, the share among all images,
     the share among kept images and their difference (cluster-bootstrap CI), and the group's keep rate
     (Wilson CI); per attribute a chi-square test of independence of group and kept, and the gap
     between the highest and lowest keep rate of groups of at least ``min_group_size`` images.
+
+    With ``truth`` (a boolean column: the image deserves to be kept, e.g. top-rated by a known quality
+    function), a group's keep rate splits into what the images are and what the filter does with them:
+    ``truth_rate`` (the group's share of deserving images) and ``recall`` (the share of its deserving
+    images that are kept) with Wilson CIs, and per attribute ``recall_gap``. Unequal keep rates with equal
+    recalls come from the images, not from the filter.
 
     Returns:
         ``{"n", "n_kept", "keep_rate", "attributes": {attr: {"groups": {...}, "chi2_p", "keep_rate_gap",
         "keep_rate_ratio", "insufficient": [...]}}}``.
     """
     k = df[kept].to_numpy(bool)
+    t = df[truth].to_numpy(bool) if truth is not None else None
     clusters = df[cluster].to_numpy() if cluster in df else np.arange(len(df))
     n, nk = len(df), int(k.sum())
     out: dict[str, Any] = {"n": int(n), "n_kept": nk, "keep_rate": nk / n if n else None,
@@ -139,6 +147,10 @@ def kept_composition(df: pd.DataFrame, attributes: Sequence[str], kept: str = "k
             groups[name] = {"n": m, "n_kept": mk, "share_all": share_all, "share_kept": share_kept,
                             "share_change": (share_kept - share_all) if share_kept is not None else None,
                             "share_change_ci": ci, "keep_rate": mk / m if m else None, "keep_rate_ci": wilson(mk, m)}
+            if t is not None:
+                mt, mtk = int((sel & t).sum()), int((sel & t & k).sum())
+                groups[name].update({"n_truth": mt, "truth_rate": mt / m if m else None, "truth_rate_ci": wilson(mt, m),
+                                     "recall": mtk / mt if mt else None, "recall_ci": wilson(mtk, mt)})
         table = pd.crosstab(g, k)
         p = None
         if table.shape == (len(groups), 2) and len(groups) > 1 and (table.to_numpy() > 0).all():
@@ -150,4 +162,7 @@ def kept_composition(df: pd.DataFrame, attributes: Sequence[str], kept: str = "k
             "keep_rate_gap": (max(rates) - min(rates)) if len(rates) >= 2 else None,
             "keep_rate_ratio": (min(rates) / max(rates)) if len(rates) >= 2 and max(rates) > 0 else None,
             "insufficient": sorted(name for name, v in groups.items() if v["n"] < min_group_size)}
+        if t is not None:
+            recalls = [v["recall"] for v in big.values() if v["recall"] is not None]
+            out["attributes"][attr]["recall_gap"] = (max(recalls) - min(recalls)) if len(recalls) >= 2 else None
     return out

@@ -61,6 +61,9 @@ def test_loop_writes_every_stage_and_the_figures_the_issue_names(loop):
     # the same prompts and seeds before and after
     assert (per.groupby("prompt_id")["seed"].nunique() == 2).all()
     assert set(q["filtering"]["before"]["attributes"]) >= {"modality", "sex", "age_group"}
+    for sex, g in q["filtering"]["after"]["attributes"]["sex"]["groups"].items():  # the images' part and the filter's
+        rows = per[(per["sex"] == sex) & (per["rating_after"] == 3)]
+        assert g["n_truth"] == len(rows) and g["recall"] == (pytest.approx(rows["kept_after"].mean()) if len(rows) else None)
     for m, d in q["per_modality"].items():  # per modality, from the same table
         rows = per[per["modality"] == m]
         assert d["n"] == len(rows) and d["after"]["top_rated_share"] == pytest.approx((rows["rating_after"] == 3).mean())

@@ -63,3 +63,22 @@ def test_kept_composition_counts_shares_and_keep_rates():
     assert sex["groups"]["F"]["keep_rate"] == sex["groups"]["M"]["keep_rate"] == 0.5 and sex["keep_rate_gap"] == 0
     small = kept_composition(df, ["modality"], n_boot=0, min_group_size=11)["attributes"]["modality"]
     assert small["insufficient"] == ["ct", "cxr"] and small["keep_rate_gap"] is None
+
+
+def test_kept_composition_with_truth_separates_the_images_from_the_filter():
+    # group A: 8 of 10 images deserve keeping, group B: 4 of 10; the filter keeps 3 of 4 deserving images
+    # in both (and nothing else): keep rates differ (0.6 vs 0.3), recalls do not
+    truth = [1] * 8 + [0] * 2 + [1] * 4 + [0] * 6
+    kept = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0] + [1, 1, 1, 0] + [0] * 6
+    df = pd.DataFrame({"group": ["A"] * 10 + ["B"] * 10, "kept": kept, "top": truth, "prompt_id": np.arange(20)})
+    r = kept_composition(df, ["group"], n_boot=0, min_group_size=5, truth="top")["attributes"]["group"]
+    a, b = r["groups"]["A"], r["groups"]["B"]
+    assert (a["keep_rate"], b["keep_rate"]) == (0.6, 0.3) and r["keep_rate_gap"] == pytest.approx(0.3)
+    assert (a["truth_rate"], b["truth_rate"]) == (0.8, 0.4) and (a["n_truth"], b["n_truth"]) == (8, 4)
+    assert a["recall"] == b["recall"] == 0.75 and r["recall_gap"] == 0
+    assert a["recall_ci"] == wilson(6, 8)
+    # a filter that drops B's deserving images shows in the recall gap
+    df.loc[df.group == "B", "kept"] = 0
+    r = kept_composition(df, ["group"], n_boot=0, min_group_size=5, truth="top")["attributes"]["group"]
+    assert r["groups"]["B"]["recall"] == 0 and r["recall_gap"] == pytest.approx(0.75)
+    assert "recall" not in kept_composition(df, ["group"], n_boot=0)["attributes"]["group"]["groups"]["A"]
