@@ -70,6 +70,39 @@ def per_modality(run: str) -> str:
     return "\n".join(lines)
 
 
+def recognised(run: str) -> str:
+    """Per modality and stage, the images the judge recognises as their modality against those it does not:
+    their number, mean selector score, mean known rating and top-rated share (from quality_loop_images.csv).
+    A gain of the reward that comes with images the judge no longer recognises is a gain bought by drifting
+    away from the modality, not by quality."""
+    import pandas as pd
+
+    path = Path(run) / "metrics" / "quality_loop_images.csv"
+    if not path.is_file():
+        return f"({path} missing)"
+    d = pd.read_csv(path)
+    if "rating_before" not in d or "modality_correct_before" not in d:
+        return "(no known rating or modality judge in this run)"
+    lines = ["| modality | stage | recognised: n, selector, known, top-rated | not recognised: n, selector, known, top-rated |",
+             "|---|---|---|---|"]
+    top = int(d[["rating_before", "rating_after"]].max().max())
+
+    def cell(x: "pd.DataFrame", stage: str) -> str:
+        if not len(x):
+            return "0"
+        return (f"{len(x)}, {x[f'selector_score_{stage}'].mean():.2f}, {x[f'rating_{stage}'].mean():.2f}, "
+                f"{(x[f'rating_{stage}'] == top).mean():.3f}")
+
+    for m, g in d.groupby("modality"):
+        for stage in ("before", "after"):
+            ok = g[f"modality_correct_{stage}"].astype(bool)
+            lines.append(f"| {m} | {stage} | {cell(g[ok], stage)} | {cell(g[~ok], stage)} |")
+    for stage in ("before", "after"):
+        ok = d[f"modality_correct_{stage}"].astype(bool)
+        lines.append(f"| all | {stage} | {cell(d[ok], stage)} | {cell(d[~ok], stage)} |")
+    return "\n".join(lines)
+
+
 def filtering(run: str, stage: str = "before", attributes: tuple[str, ...] = ("modality", "sex", "age_group")) -> str:
     q = _load(run)
     f = q["filtering"][stage]
@@ -97,7 +130,7 @@ def main() -> None:
     p.add_argument("runs", nargs="+", help="experiment=minim_quality run folders")
     p.add_argument("--filtering", help="the run whose filtering table is printed (default: the first)")
     args = p.parse_args()
-    print(headline(args.runs), "", per_modality(args.runs[0]), "", sep="\n")
+    print(headline(args.runs), "", per_modality(args.runs[0]), "", recognised(args.runs[0]), "", sep="\n")
     run = args.filtering or args.runs[0]
     for stage in ("before", "after"):
         if stage in _load(run)["filtering"]:
