@@ -1,0 +1,154 @@
+"""Residual scoring against clean real images (SAFEGEN).
+
+The residual |x − x̂| of an image (optionally smoothed) is z-scored **per pixel** against the residual
+statistics of clean real validation images: :class:`AnomalyStats`, saved as ``anomaly_stats.pt`` (mean
+and std maps, the image-score and pixel-z percentiles of the clean images, and how many there were). The
+image score is the mean of the top-k % z-residuals. Thresholds come from clean real images: a
+percentile, or the smallest threshold that flags at most a given share of them; a threshold from fewer
+clean images than ``min_images`` is refused.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+from medtrust.utils.io import atomic_write_bytes
+
+PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+
+
+class TooFewImagesError(ValueError):
+    """A threshold or statistic asked of fewer clean images than configured."""
+
+
+def residual(x: torch.Tensor, recon: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+    """|x − x̂| averaged over channels (B×H×W), Gaussian-smoothed with ``sigma`` pixels if > 0.
+
+    Raises:
+        ValueError: NaN or Inf in the residual (naming how many images hold them).
+    """
+    r = (x - recon).abs().mean(dim=1)
+    bad = ~torch.isfinite(r).flatten(1).all(dim=1)
+    if bad.any():
+        raise ValueError(f"NaN or Inf residuals in {int(bad.sum())} of {len(r)} images (images {bad.nonzero().flatten().tolist()[:10]} "
+                         "of the batch): check the input values and the model's output")
+    if sigma > 0:
+        r = torch.from_numpy(np.stack([gaussian_filter(a, sigma) for a in r.cpu().numpy()])).to(r)
+    return r
+
+
+def top_k_mean(z: torch.Tensor, top_k_percent: float) -> torch.Tensor:
+    """Per image (B×H×W), the mean of its top ``top_k_percent`` % values (at least one pixel)."""
+    if not 0 < top_k_percent <= 100:
+        raise ValueError(f"top_k_percent={top_k_percent}: expected 0 < top_k <= 100")
+    flat = z.flatten(1)
+    k = max(1, int(math.ceil(flat.shape[1] * top_k_percent / 100)))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def threshold_at_flag_rate(scores: np.ndarray | torch.Tensor, max_flag_rate: float, min_images: int,
+                           what: str = "image scores") -> float:
+    """The smallest threshold that flags (score > threshold) at most ``max_flag_rate`` of clean ``scores``.
+
+    Raises:
+        TooFewImagesError: fewer than ``min_images`` scores.
+    """
+    s = np.sort(np.asarray(scores, dtype=float).ravel())
+    if len(s) < min_images:
+        raise TooFewImagesError(f"a threshold from {len(s)} clean {what}: at least {min_images} are needed "
+                                "(evaluation.min_clean_images)")
+    if not 0 <= max_flag_rate < 1:
+        raise ValueError(f"max_flag_rate={max_flag_rate}: expected 0 <= rate < 1")
+    allowed = int(math.floor(max_flag_rate * len(s)))  # images that may lie above the threshold
+    return float(s[len(s) - 1 - allowed])
+
+
+@dataclass
+class AnomalyStats:
+    """Per-pixel residual statistics of clean real images, and the thresholds fitted on them."""
+
+    mean: torch.Tensor                    # H×W
+    std: torch.Tensor                     # H×W
+    n_images: int
+    top_k_percent: float
+    sigma: float = 0.0
+    eps: float = 1e-3
+    score_percentiles: dict[str, float] = field(default_factory=dict)
+    pixel_percentiles: dict[str, float] = field(default_factory=dict)
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    fitted_on: str = ""
+
+    @classmethod
+    def fit(cls, residuals: torch.Tensor, min_images: int, top_k_percent: float = 1.0, sigma: float = 0.0,
+            eps: float = 1e-3, max_flag_rate: float = 0.05, pixel_percentile: float = 99.0,
+            fitted_on: str = "") -> "AnomalyStats":
+        """Fit on the residuals (N×H×W) of clean real images; the image threshold flags at most
+        ``max_flag_rate`` of them, the pixel threshold is their z-residuals' ``pixel_percentile``.
+
+        Raises:
+            TooFewImagesError: fewer than ``min_images`` residual maps.
+        """
+        n = int(residuals.shape[0])
+        if n < min_images:
+            raise TooFewImagesError(f"residual statistics from {n} clean real images: at least {min_images} are "
+                                    "needed (evaluation.min_clean_images)")
+        res = residuals.double()
+        stats = cls(mean=res.mean(0).float(), std=res.std(0).float(), n_images=n, top_k_percent=float(top_k_percent),
+                    sigma=float(sigma), eps=float(eps), fitted_on=fitted_on)
+        z = stats.zscore(residuals)
+        scores = top_k_mean(z, stats.top_k_percent).numpy()
+        stats.score_percentiles = {f"p{p:g}": float(np.percentile(scores, p)) for p in PERCENTILES}
+        pix = z.flatten().numpy()
+        stats.pixel_percentiles = {f"p{p:g}": float(np.percentile(pix, p)) for p in PERCENTILES}
+        stats.image_threshold = threshold_at_flag_rate(scores, max_flag_rate, min_images)
+        stats.pixel_threshold = float(np.percentile(pix, pixel_percentile))
+        return stats
+
+    def zscore(self, residuals: torch.Tensor) -> torch.Tensor:
+        if residuals.shape[-2:] != self.mean.shape:
+            raise ValueError(f"residual maps of size {tuple(residuals.shape[-2:])}, the statistics are "
+                             f"{tuple(self.mean.shape)} (the size the detector was fitted at)")
+        return (residuals - self.mean) / (self.std + self.eps)
+
+    def image_scores(self, residuals: torch.Tensor) -> torch.Tensor:
+        return top_k_mean(self.zscore(residuals), self.top_k_percent)
+
+    # -- a named, saved component: tensors and plain values only (loaded with weights_only=True) --
+    def state(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "n_images": self.n_images, "top_k_percent": self.top_k_percent,
+                "sigma": self.sigma, "eps": self.eps, "score_percentiles": self.score_percentiles,
+                "pixel_percentiles": self.pixel_percentiles, "image_threshold": self.image_threshold,
+                "pixel_threshold": self.pixel_threshold, "fitted_on": self.fitted_on}
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically; an existing file is never replaced."""
+        import io
+
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} exists; anomaly statistics are never overwritten")
+        buf = io.BytesIO()
+        torch.save(self.state(), buf)
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AnomalyStats":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (the anomaly run's statistics of clean real images)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or hostile file
+            raise ValueError(f"{path}: not a readable anomaly_stats.pt ({type(err).__name__}: {err})") from err
+        missing = {"mean", "std", "n_images", "top_k_percent"} - set(state)
+        if missing:
+            raise ValueError(f"{path}: missing {sorted(missing)}")
+        return cls(**state)
