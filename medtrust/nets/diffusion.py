@@ -250,6 +250,25 @@ def conditional_unet(sample_size: int = 16, in_channels: int = 4, block_out_chan
                                 attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups, **extra)
 
 
+def ddpm_unet(sample_size: int = 64, in_channels: int = 1, block_out_channels: Sequence[int] = (32, 64, 128),
+              attention_levels: Sequence[bool] = (False, False, True), layers_per_block: int = 1,
+              attention_head_dim: int = 8, norm_num_groups: int = 16, dropout: float = 0.0) -> nn.Module:
+    """A diffusers ``UNet2DModel`` (SAFEGEN's detector): self-attention at the levels flagged in
+    ``attention_levels`` (the low resolutions by default) and in the mid block."""
+    from diffusers import UNet2DModel
+
+    levels = list(attention_levels)
+    if len(levels) != len(block_out_channels):
+        raise ValueError(f"model.net.attention_levels has {len(levels)} entries, block_out_channels "
+                         f"{len(block_out_channels)}; expected one flag per level")
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in levels)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels))
+    return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                       down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
+                       layers_per_block=layers_per_block, attention_head_dim=attention_head_dim,
+                       norm_num_groups=norm_num_groups, dropout=dropout)
+
+
 # The seed's LoRA targets: cross-attention projections, the mid block's self-attention, the output layers.
 LORA_TARGETS = r".*(attn2\.(to_q|to_k|to_v|to_out\.0)|mid_block\..*attn1\.(to_q|to_k|to_v|to_out\.0)|proj_out|conv_out)$"
 

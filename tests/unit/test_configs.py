@@ -41,6 +41,16 @@ def test_every_model_builds_and_forwards_at_32px(model):
         loss.backward()
         assert loss.ndim == 0 and torch.isfinite(loss)
         return
+    if model == "ddpm_anomaly":  # trained on real images only: one denoising step, then a residual map
+        c = cfg("experiment=safegen", "data.image_size=[32,32]", "model.reconstruction.k=2")
+        task = instantiate(c.model, loss=instantiate(c.loss), _convert_="all")
+        x = torch.rand(2, 1, 32, 32) * 2 - 1
+        loss = task.training_step({"image": x}, 0)
+        loss.backward()
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        res, info = task.residuals(x)
+        assert res.shape == (2, 32, 32) and info["evaluations_per_image"] == 2
+        return
     cls = "classifier" in model
     data = ["data=phantom_cxr", "loss=ce"] if cls else []
     c = cfg(f"model={model}", *data, "data.image_size=[32,32]")
@@ -92,6 +102,8 @@ def test_every_experiment_composes(experiment, tmp_path):
     task = "ClassificationTask" if experiment.startswith(("tmv_", "minim_selector")) else "SegmentationTask"
     if experiment.startswith("minim") and task != "ClassificationTask":
         task = "AutoencoderTask" if experiment.endswith("_vae") else "GenerationTask"
+    if experiment.startswith("safegen"):
+        task = "AnomalyTask"
     assert c.model._target_.endswith(task)
     instantiate(c.model.unet if task == "GenerationTask" else c.model.net, _convert_="all")  # sizes checked here
 
@@ -124,7 +136,8 @@ def test_model_config_chooses_its_tasks_evaluation_and_callbacks(model):
     own = OmegaConf.load(CONF / "evaluation" / f"{task_cls.evaluation_config}.yaml")
     assert set(c.evaluation) == set(own) and "trust" in c.evaluation
     assert {"model_checkpoint", "on_exception"} <= set(c.callbacks)
-    own_callbacks = {"AutoencoderTask": set(), "GenerationTask": {"samples"}}.get(task_cls.__name__, {"calibration"})
+    own_callbacks = {"AutoencoderTask": set(), "GenerationTask": {"samples"}, "AnomalyTask": set()}.get(
+        task_cls.__name__, {"calibration"})
     assert own_callbacks <= set(c.callbacks)
 
 

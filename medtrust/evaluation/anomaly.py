@@ -1,0 +1,121 @@
+"""Evaluation of a SAFEGEN anomaly run on one split: the artifact benchmark built from the split's clean
+images (held out from training), every image scored against the clean real statistics of the run.
+
+Writes ``metrics/<split>.json`` (``overall`` and ``cohorts.<name>``, each with ``auroc``, ``auroc_ci``,
+``pixel_auroc``, ``dice``, ``iou``, ``pointing_game``, ``relevance_mass``, ``spearman_severity``,
+``spearman_map_mask``, flagged shares), ``metrics/<split>_benchmark.csv`` (one row per image) and a
+figure of example maps per cohort.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medtrust.anomaly.scoring import AnomalyStats
+from medtrust.data.artifacts import ArtifactSpec, build_benchmark
+from medtrust.evaluation.config import to_plain
+from medtrust.metrics.anomaly import benchmark_metrics
+from medtrust.tasks.base import EvalResult
+from medtrust.utils.io import write_csv, write_json
+from medtrust.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _normalise(img: np.ndarray, normalize: Mapping[str, Any] | None) -> torch.Tensor:
+    """H×W×C float in [0, 1] -> C×H×W in the model's range."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    if normalize is None:
+        return x
+    mean = torch.tensor(list(normalize["mean"]), dtype=x.dtype).view(-1, 1, 1)
+    std = torch.tensor(list(normalize["std"]), dtype=x.dtype).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def score_images(task: Any, images: list[np.ndarray], normalize: Mapping[str, Any] | None, stats: AnomalyStats,
+                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Image scores (N) and z-residual maps (N×H×W) of images H×W×C in [0, 1]."""
+    scores, maps, info = [], [], {}
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([_normalise(im, normalize) for im in images[i:i + batch_size]])
+        task.check_input(x, "benchmark images")
+        res, info = task.residuals(x)
+        z = stats.zscore(res)
+        scores.append(stats.image_scores(res).numpy())
+        maps.append(z.numpy())
+    info = {k: v for k, v in info.items() if k != "reconstruction"}
+    return np.concatenate(scores), np.concatenate(maps), info
+
+
+def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: Any, extra: Mapping[str, Any] | None,
+                     stats: AnomalyStats) -> EvalResult:
+    ev = to_plain(evaluation) if evaluation is not None else {}
+    spec = ArtifactSpec.from_config(ev.get("artifacts"), "evaluation.artifacts")
+    imgs, _, recs = dm.load_split(split)
+    clean = [t.float().div(255).permute(1, 2, 0).numpy() for t in imgs]
+    rows = build_benchmark(clean, spec, ids=[str(r["id"]) for r in recs])
+    log.info(f"artifact benchmark on {split}: {sum(r['label'] == 0 for r in rows)} clean + "
+             f"{sum(r['label'] == 1 for r in rows)} injected images ({list(spec.cohorts)}, severities {list(spec.severities)})")
+    scores, maps, info = score_images(task, [r["image"] for r in rows], dm.normalize, stats,
+                                      int(ev.get("batch_size", 32)))
+    labels = np.array([r["label"] for r in rows])
+    cohorts = [r["cohort"] for r in rows]
+    sev = np.array([r["severity"] for r in rows])
+    masks = np.stack([r["mask"] for r in rows])
+    res = benchmark_metrics(scores, labels, cohorts, sev, maps, masks, pixel_threshold=stats.pixel_threshold,
+                            image_threshold=stats.image_threshold, n_boot=int(ev.get("bootstrap", 1000)),
+                            seed=int(spec.seed))
+    per = pd.DataFrame({"id": [r["id"] for r in rows], "source": [r["source"] for r in rows], "label": labels,
+                        "cohort": cohorts, "kind": [r["kind"] for r in rows], "severity": sev, "score": scores,
+                        "flagged": (scores > stats.image_threshold).astype(int) if stats.image_threshold is not None else -1,
+                        "mask_pixels": masks.reshape(len(masks), -1).sum(1)})
+    out_dir = Path(out_dir)
+    table = write_csv(out_dir / "metrics" / f"{split}_benchmark.csv", per)
+    figures = []
+    if ev.get("figures", True):
+        figures.append(_figure(rows, maps, scores, out_dir / "figures" / split / "anomaly_maps.png",
+                               int(ev.get("n_show", 4)), split))
+    o = res["overall"]
+    metrics: dict[str, Any] = {
+        "split": split, "task": task.task_name, "metric_group": task.metric_group, "metric_groups": ["anomaly"],
+        "n_images": int(len(rows)),
+        "anomaly": {k: o[k] for k in ("auroc", "pixel_auroc", "dice", "iou", "pointing_game", "spearman_severity")
+                    if isinstance(o.get(k), (int, float))},
+        "overall": o, "cohorts": res["cohorts"],
+        "benchmark": {"cohorts": list(spec.cohorts), "severities": list(spec.severities),
+                      "per_severity": spec.per_severity, "n_clean": int((labels == 0).sum()), "seed": spec.seed,
+                      "built_from": f"the {split} split's images (held out from training)"},
+        "reconstruction": {**info, "t0": int(task.recon_cfg["t0"]), "k": int(task.recon_cfg["k"]),
+                           "r": int(task.recon_cfg["r"]), "sigma": float(task.recon_cfg["sigma"])},
+        "fitted": {"statistics_fitted_on": stats.fitted_on, "n_clean_images": stats.n_images,
+                   "image_threshold": stats.image_threshold, "pixel_threshold": stats.pixel_threshold,
+                   "in_sample": stats.fitted_on == split},
+        "data": dm.summary(), "tables": {"benchmark": str(table)},
+        "trust_thresholds": dict(ev.get("trust") or {}), **dict(extra or {})}
+    write_json(out_dir / "metrics" / f"{split}.json", metrics)
+    return EvalResult(split, task.task_name, task.metric_group, metrics, {"benchmark": table}, figures)
+
+
+def _figure(rows: list[dict[str, Any]], maps: np.ndarray, scores: np.ndarray, path: Path, n_show: int, split: str) -> Path:
+    from medtrust.report.figures import plot_image_grid
+
+    groups: dict[str, list[tuple[np.ndarray, str]]] = {}
+    by_cohort: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_cohort.setdefault(r["cohort"], []).append(i)
+    for cohort, idx in by_cohort.items():
+        # the highest severity first: the clearest examples
+        idx = sorted(idx, key=lambda i: -rows[i]["severity"])[:n_show]
+        items = []
+        for i in idx:
+            img = rows[i]["image"]
+            items.append((img if img.shape[2] == 3 else img[..., 0], f"{rows[i]['kind']} s{rows[i]['severity']}"))
+            z = maps[i]
+            items.append((np.clip(z / max(float(np.percentile(maps, 99.5)), 1e-6), 0, 1), f"z map, score {scores[i]:.2f}"))
+        groups[cohort] = items
+    return plot_image_grid(groups, path, f"{split}: artifact benchmark (image, z-residual map)")

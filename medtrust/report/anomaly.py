@@ -1,0 +1,49 @@
+"""The anomaly section of a SAFEGEN run's report and its trust lines (artifacts axis)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medtrust.report.trust import fmt_ci, report_split, threshold_line
+from medtrust.tasks.base import ReportSection, TrustLine
+
+COLUMNS = ("auroc", "pixel_auroc", "dice", "iou", "pointing_game", "relevance_mass", "spearman_severity",
+           "spearman_map_mask", "flagged_injected", "flagged_clean")
+
+
+def _row(name: str, v: Mapping[str, Any]) -> dict[str, Any]:
+    return {"cohort": name, "injected": v.get("n_injected"), "clean": v.get("n_clean"),
+            "AUROC [95 % CI]": (f"{v['auroc']:.3f} {fmt_ci(v.get('auroc_ci'))}" if isinstance(v.get("auroc"), float) else None),
+            **{k: v.get(k) for k in COLUMNS if k != "auroc"}}
+
+
+def anomaly_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
+    per_split = {}
+    first = None
+    for split, m in metrics.items():
+        if "cohorts" not in m or "overall" not in m:
+            continue
+        first = first or m
+        per_split[split] = [_row("overall", m["overall"]), *(_row(c, v) for c, v in m["cohorts"].items())]
+    if first is None:
+        return []
+    return [ReportSection("anomaly/anomaly.html.j2", {"per_split": per_split, "fitted": first.get("fitted") or {},
+                                                      "reconstruction": first.get("reconstruction") or {},
+                                                      "benchmark": first.get("benchmark") or {}})]
+
+
+def anomaly_trust_lines(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[TrustLine]:
+    split = report_split({s: m for s, m in metrics.items() if "overall" in m and "cohorts" in m})
+    if split is None:
+        return []
+    m = metrics[split]
+    o, th, f = m["overall"], m.get("trust_thresholds") or {}, m.get("fitted") or {}
+    where = f"{split} artifact benchmark ({o.get('n_injected')} injected, {o.get('n_clean')} clean images)"
+    fitted = f"weights: train (real images only); residual statistics and thresholds: {f.get('statistics_fitted_on')}"
+    return [threshold_line("artifacts", "image AUROC, injected vs clean", o.get("auroc"), o.get("auroc_ci"),
+                           float(th.get("auroc_min", 0.89)), True, ("detects artifacts", "misses artifacts"),
+                           fitted, where, in_sample=bool(f.get("in_sample"))),
+            threshold_line("artifacts", "Spearman ρ of score and severity", o.get("spearman_severity"), None,
+                           float(th.get("spearman_severity_min", 0.8)), True, ("scales with severity", "does not scale"),
+                           fitted, where)]
