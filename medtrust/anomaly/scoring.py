@@ -84,6 +84,12 @@ class AnomalyStats:
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     fitted_on: str = ""
+    score_mean: float | None = None       # of the clean images' image scores (fusion)
+    score_std: float | None = None
+    reference: torch.Tensor | None = None  # the contrastive score's reference embeddings (N×D) ...
+    knn_k: int = 5
+    knn_mean: float | None = None          # ... and the leave-one-out k-NN distances of the references
+    knn_std: float | None = None
 
     @classmethod
     def fit(cls, residuals: torch.Tensor, min_images: int, top_k_percent: float = 1.0, sigma: float = 0.0,
@@ -107,9 +113,37 @@ class AnomalyStats:
         stats.score_percentiles = {f"p{p:g}": float(np.percentile(scores, p)) for p in PERCENTILES}
         pix = z.flatten().numpy()
         stats.pixel_percentiles = {f"p{p:g}": float(np.percentile(pix, p)) for p in PERCENTILES}
+        stats.score_mean, stats.score_std = float(scores.mean()), float(scores.std())
         stats.image_threshold = threshold_at_flag_rate(scores, max_flag_rate, min_images)
         stats.pixel_threshold = float(np.percentile(pix, pixel_percentile))
         return stats
+
+    def fit_reference(self, embeddings: torch.Tensor, k: int = 5) -> None:
+        """The contrastive score's reference: embeddings of clean real images, and the mean and std of
+        each one's distance to its ``k`` nearest *other* references (leave one out)."""
+        n = int(embeddings.shape[0])
+        if n <= k:
+            raise TooFewImagesError(f"a {k}-NN reference from {n} clean real images: at least {k + 1} are needed")
+        self.reference, self.knn_k = embeddings.detach().float().cpu(), int(k)
+        d = torch.cdist(self.reference, self.reference)
+        d.fill_diagonal_(float("inf"))
+        loo = d.topk(k, dim=1, largest=False).values.mean(1)
+        self.knn_mean, self.knn_std = float(loo.mean()), float(loo.std())
+
+    def knn_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Mean distance of each embedding to its k nearest references (the contrastive score)."""
+        if self.reference is None:
+            raise ValueError("no reference embeddings: fit_reference first")
+        d = torch.cdist(embeddings.detach().float().cpu(), self.reference)
+        return d.topk(min(self.knn_k, len(self.reference)), dim=1, largest=False).values.mean(1)
+
+    def fused(self, image_scores: torch.Tensor, knn_scores: torch.Tensor) -> torch.Tensor:
+        """The residual and the contrastive score, each standardised on the clean images, summed."""
+        if None in (self.score_mean, self.score_std, self.knn_mean, self.knn_std):
+            raise ValueError("fusion needs the clean images' score statistics and a k-NN reference")
+        a = (image_scores - self.score_mean) / max(self.score_std, 1e-12)
+        b = (knn_scores - self.knn_mean) / max(self.knn_std, 1e-12)
+        return a + b
 
     def zscore(self, residuals: torch.Tensor) -> torch.Tensor:
         if residuals.shape[-2:] != self.mean.shape:
@@ -125,7 +159,9 @@ class AnomalyStats:
         return {"mean": self.mean, "std": self.std, "n_images": self.n_images, "top_k_percent": self.top_k_percent,
                 "sigma": self.sigma, "eps": self.eps, "score_percentiles": self.score_percentiles,
                 "pixel_percentiles": self.pixel_percentiles, "image_threshold": self.image_threshold,
-                "pixel_threshold": self.pixel_threshold, "fitted_on": self.fitted_on}
+                "pixel_threshold": self.pixel_threshold, "fitted_on": self.fitted_on, "score_mean": self.score_mean,
+                "score_std": self.score_std, "reference": self.reference, "knn_k": self.knn_k, "knn_mean": self.knn_mean,
+                "knn_std": self.knn_std}
 
     def save(self, path: str | Path) -> Path:
         """Write atomically; an existing file is never replaced."""

@@ -3,8 +3,9 @@ images (held out from training), every image scored against the clean real stati
 
 Writes ``metrics/<split>.json`` (``overall`` and ``cohorts.<name>``, each with ``auroc``, ``auroc_ci``,
 ``pixel_auroc``, ``dice``, ``iou``, ``pointing_game``, ``relevance_mass``, ``spearman_severity``,
-``spearman_map_mask``, flagged shares), ``metrics/<split>_benchmark.csv`` (one row per image) and a
-figure of example maps per cohort.
+``spearman_map_mask``, flagged shares; all of the residual score), ``detectors.{residual, contrastive,
+fused}`` (image AUROC of each score, overall and per cohort), ``metrics/<split>_benchmark.csv`` (one row
+per image) and a figure of example maps per cohort.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from medtrust.anomaly.scoring import AnomalyStats
 from medtrust.data.artifacts import ArtifactSpec, build_benchmark
 from medtrust.evaluation.config import to_plain
-from medtrust.metrics.anomaly import benchmark_metrics
+from medtrust.metrics.anomaly import auroc_with_ci, benchmark_metrics
 from medtrust.tasks.base import EvalResult
 from medtrust.utils.io import write_csv, write_json
 from medtrust.utils.logging import get_logger
@@ -38,18 +39,24 @@ def _normalise(img: np.ndarray, normalize: Mapping[str, Any] | None) -> torch.Te
 
 
 def score_images(task: Any, images: list[np.ndarray], normalize: Mapping[str, Any] | None, stats: AnomalyStats,
-                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Image scores (N) and z-residual maps (N×H×W) of images H×W×C in [0, 1]."""
-    scores, maps, info = [], [], {}
+                 batch_size: int = 32) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    """Image scores (``residual``, and with a k-NN reference ``contrastive`` and ``fused``; N each) and
+    z-residual maps (N×H×W) of images H×W×C in [0, 1]."""
+    scores: dict[str, list[np.ndarray]] = {"residual": [], "contrastive": [], "fused": []}
+    maps, info = [], {}
     for i in range(0, len(images), batch_size):
         x = torch.stack([_normalise(im, normalize) for im in images[i:i + batch_size]])
         task.check_input(x, "benchmark images")
         res, info = task.residuals(x)
-        z = stats.zscore(res)
-        scores.append(stats.image_scores(res).numpy())
-        maps.append(z.numpy())
+        s = stats.image_scores(res)
+        scores["residual"].append(s.numpy())
+        if stats.reference is not None:
+            knn = stats.knn_scores(task.embeddings(x))
+            scores["contrastive"].append(knn.numpy())
+            scores["fused"].append(stats.fused(s, knn).numpy())
+        maps.append(stats.zscore(res).numpy())
     info = {k: v for k, v in info.items() if k != "reconstruction"}
-    return np.concatenate(scores), np.concatenate(maps), info
+    return {k: np.concatenate(v) for k, v in scores.items() if v}, np.concatenate(maps), info
 
 
 def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: Any, extra: Mapping[str, Any] | None,
@@ -61,8 +68,9 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
     rows = build_benchmark(clean, spec, ids=[str(r["id"]) for r in recs])
     log.info(f"artifact benchmark on {split}: {sum(r['label'] == 0 for r in rows)} clean + "
              f"{sum(r['label'] == 1 for r in rows)} injected images ({list(spec.cohorts)}, severities {list(spec.severities)})")
-    scores, maps, info = score_images(task, [r["image"] for r in rows], dm.normalize, stats,
-                                      int(ev.get("batch_size", 32)))
+    detector_scores, maps, info = score_images(task, [r["image"] for r in rows], dm.normalize, stats,
+                                               int(ev.get("batch_size", 32)))
+    scores = detector_scores["residual"]
     labels = np.array([r["label"] for r in rows])
     cohorts = [r["cohort"] for r in rows]
     sev = np.array([r["severity"] for r in rows])
@@ -70,8 +78,18 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
     res = benchmark_metrics(scores, labels, cohorts, sev, maps, masks, pixel_threshold=stats.pixel_threshold,
                             image_threshold=stats.image_threshold, n_boot=int(ev.get("bootstrap", 1000)),
                             seed=int(spec.seed))
+    detectors = {}
+    for name, s in detector_scores.items():  # image AUROC of each detector, overall and per cohort
+        cl = labels == 0
+        detectors[name] = {"overall": dict(zip(("auroc", "auroc_ci"), auroc_with_ci(s, labels, int(ev.get("bootstrap", 1000)),
+                                                                                    int(spec.seed)))), "cohorts": {}}
+        for c in res["cohorts"]:
+            sel = cl | ((np.asarray(cohorts) == c) & (labels == 1))
+            detectors[name]["cohorts"][c] = dict(zip(("auroc", "auroc_ci"), auroc_with_ci(
+                s[sel], labels[sel], int(ev.get("bootstrap", 1000)), int(spec.seed))))
     per = pd.DataFrame({"id": [r["id"] for r in rows], "source": [r["source"] for r in rows], "label": labels,
                         "cohort": cohorts, "kind": [r["kind"] for r in rows], "severity": sev, "score": scores,
+                        **{f"score_{k}": v for k, v in detector_scores.items() if k != "residual"},
                         "flagged": (scores > stats.image_threshold).astype(int) if stats.image_threshold is not None else -1,
                         "mask_pixels": masks.reshape(len(masks), -1).sum(1)})
     out_dir = Path(out_dir)
@@ -86,7 +104,7 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
         "n_images": int(len(rows)),
         "anomaly": {k: o[k] for k in ("auroc", "pixel_auroc", "dice", "iou", "pointing_game", "spearman_severity")
                     if isinstance(o.get(k), (int, float))},
-        "overall": o, "cohorts": res["cohorts"],
+        "overall": o, "cohorts": res["cohorts"], "detectors": detectors,
         "benchmark": {"cohorts": list(spec.cohorts), "severities": list(spec.severities),
                       "per_severity": spec.per_severity, "n_clean": int((labels == 0).sum()), "seed": spec.seed,
                       "built_from": f"the {split} split's images (held out from training)"},

@@ -18,17 +18,25 @@ def _row(name: str, v: Mapping[str, Any]) -> dict[str, Any]:
             **{k: v.get(k) for k in COLUMNS if k != "auroc"}}
 
 
+def _auc(v: Mapping[str, Any]) -> str | None:
+    return f"{v['auroc']:.3f} {fmt_ci(v.get('auroc_ci'))}" if isinstance(v.get("auroc"), float) else None
+
+
 def anomaly_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
-    per_split = {}
+    per_split, det_rows = {}, []
     first = None
     for split, m in metrics.items():
         if "cohorts" not in m or "overall" not in m:
             continue
         first = first or m
         per_split[split] = [_row("overall", m["overall"]), *(_row(c, v) for c, v in m["cohorts"].items())]
+        for name, d in (m.get("detectors") or {}).items():
+            det_rows.append({"split": split, "score": name, **{g: _auc(v) for g, v in
+                                                               [("overall", d["overall"]), *d["cohorts"].items()]}})
     if first is None:
         return []
-    return [ReportSection("anomaly/anomaly.html.j2", {"per_split": per_split, "fitted": first.get("fitted") or {},
+    return [ReportSection("anomaly/anomaly.html.j2", {"per_split": per_split, "detector_rows": det_rows,
+                                                      "fitted": first.get("fitted") or {},
                                                       "reconstruction": first.get("reconstruction") or {},
                                                       "benchmark": first.get("benchmark") or {}})]
 

@@ -31,7 +31,7 @@ log = get_logger(__name__)
 STATS_FILE = "anomaly_stats.pt"
 RECON_DEFAULTS = {"t0": 250, "k": 10, "r": 1, "mode": "ddim", "sigma": 1.0, "seed": 0}
 SCORE_DEFAULTS = {"top_k_percent": 1.0, "max_flag_rate": 0.05, "pixel_percentile": 99.0, "min_clean_images": 20,
-                  "eps": 1e-3}
+                  "eps": 1e-3, "knn_k": 5}
 
 
 def _checked(given: Mapping[str, Any] | None, defaults: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -52,7 +52,8 @@ class AnomalyTask(TaskBase):
         noise: ``{num_train_timesteps, beta_schedule, prediction_type, beta_start, beta_end}``.
         t_range: ``[low, high)`` of the training timesteps (SAFEGEN trains where it reconstructs).
         reconstruction: ``{t0, k, r, mode (ddim | ancestral), sigma (residual smoothing, px), seed}``.
-        scoring: ``{top_k_percent, max_flag_rate, pixel_percentile, min_clean_images, eps}``.
+        scoring: ``{top_k_percent, max_flag_rate, pixel_percentile, min_clean_images, eps, knn_k}`` (``knn_k``:
+            neighbours of the contrastive score among the clean reference embeddings).
         val_timesteps: fixed timesteps of the validation loss (same noise every epoch).
     """
 
@@ -131,27 +132,27 @@ class AnomalyTask(TaskBase):
                              f"trained on {ch} channel(s) at {(size, size)} (set data.image_size / data.channels, "
                              "or data.resize to resize)")
 
-    def _split_residuals(self, dm: Any, split: str, max_images: int | None = None) -> torch.Tensor:
-        out, n = [], 0
+    def _split_residuals(self, dm: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual maps and mid-block embeddings of every image of ``split``."""
+        res, emb = [], []
         for batch in dm.dataloader(split):
             self.check_input(batch["image"], f"split {split}")
-            out.append(self.residuals(batch["image"])[0])
-            n += len(out[-1])
-            if max_images is not None and n >= max_images:
-                break
-        return torch.cat(out)
+            res.append(self.residuals(batch["image"])[0])
+            emb.append(self.embeddings(batch["image"]))
+        return torch.cat(res), torch.cat(emb)
 
     # -- the contract ------------------------------------------------------------------------------
     def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any]:
         """Residual statistics and thresholds of clean real images of the calibration split (val when
         there is none), written to ``anomaly_stats.pt``."""
         split = "cal" if datamodule.has_split("cal") else "val"
-        res = self._split_residuals(datamodule, split)
+        res, emb = self._split_residuals(datamodule, split)
         s = self.score_cfg
         self.stats = AnomalyStats.fit(res, min_images=int(s["min_clean_images"]), top_k_percent=float(s["top_k_percent"]),
                                       sigma=float(self.recon_cfg["sigma"]), eps=float(s["eps"]),
                                       max_flag_rate=float(s["max_flag_rate"]),
                                       pixel_percentile=float(s["pixel_percentile"]), fitted_on=split)
+        self.stats.fit_reference(emb, int(s["knn_k"]))
         path = Path(run_dir) / STATS_FILE
         if not path.exists():
             self.stats.save(path)

@@ -31,12 +31,16 @@ def test_the_run_writes_stats_and_the_benchmark_metrics_per_cohort(anomaly_run):
         assert {"auroc", "auroc_ci", "pixel_auroc", "dice", "spearman_severity"} <= set(block)
         assert 0 <= block["auroc"] <= 1
     assert m["fitted"]["statistics_fitted_on"] == "cal" and not m["fitted"]["in_sample"]
+    assert set(m["detectors"]) == {"residual", "contrastive", "fused"}
+    assert m["detectors"]["residual"]["overall"]["auroc"] == pytest.approx(m["overall"]["auroc"])
+    assert set(m["detectors"]["fused"]["cohorts"]) == set(m["cohorts"])
     assert m["reconstruction"]["timesteps"][0] <= 250 and m["reconstruction"]["evaluations_per_image"] == 3
     per = pd.read_csv(anomaly_run / "metrics" / "test_benchmark.csv")
     assert len(per) == m["n_images"] == m["benchmark"]["n_clean"] + 4 * 5 * 2
     assert (per[per.label == 0].cohort == "clean").all() and set(per[per.label == 1].severity) == {1, 2, 3, 4, 5}
     html = (anomaly_run / "report" / "index.html").read_text()
     assert "Artifact detection (SAFEGEN)" in html and "image AUROC, injected vs clean" in html
+    assert "Image AUROC of each score" in html
 
 
 def test_evaluate_reproduces_the_run_metrics(anomaly_run, tmp_path):

@@ -85,3 +85,22 @@ def test_a_stats_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a readable anomaly_stats.pt"):
         AnomalyStats.load(tmp_path / "anomaly_stats.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_contrastive_score_is_the_distance_to_the_nearest_clean_references_and_fuses(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(100, 8, generator=g)
+    stats = AnomalyStats.fit(_clean(60), min_images=50)
+    stats.fit_reference(ref, k=3)
+    near, far = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g) + 4
+    kn, kf = stats.knn_scores(near), stats.knn_scores(far)
+    assert kf.min() > kn.max()
+    assert abs(float(kn.mean()) - stats.knn_mean) < 0.3 * stats.knn_mean  # references scored like new clean images
+    one = stats.knn_scores(ref[:1] + 1e-3)
+    assert torch.allclose(one, torch.cdist(ref[:1], ref).sort().values[0, :3].mean(), atol=1e-2)
+    f = stats.fused(torch.full((20,), stats.score_mean), kf)
+    assert torch.allclose(f, (kf - stats.knn_mean) / stats.knn_std)
+    back = AnomalyStats.load(stats.save(tmp_path / "anomaly_stats.pt"))
+    assert torch.equal(back.knn_scores(far), kf)
+    with pytest.raises(TooFewImagesError, match="at least 4 are needed"):
+        stats.fit_reference(ref[:3], k=3)
