@@ -107,7 +107,7 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
         "overall": o, "cohorts": res["cohorts"], "detectors": detectors,
         "benchmark": {"cohorts": list(spec.cohorts), "severities": list(spec.severities),
                       "per_severity": spec.per_severity, "n_clean": int((labels == 0).sum()), "seed": spec.seed,
-                      "built_from": f"the {split} split's images (held out from training)"},
+                      "built_from": f"the {split} rows of {dm.source.describe()}"},
         "reconstruction": {**info, "t0": int(task.recon_cfg["t0"]), "k": int(task.recon_cfg["k"]),
                            "r": int(task.recon_cfg["r"]), "sigma": float(task.recon_cfg["sigma"])},
         "fitted": {"statistics_fitted_on": stats.fitted_on, "n_clean_images": stats.n_images,

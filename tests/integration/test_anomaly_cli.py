@@ -50,6 +50,15 @@ def test_evaluate_reproduces_the_run_metrics(anomaly_run, tmp_path):
     assert a["overall"] == b["overall"] and a["cohorts"] == b["cohorts"]
 
 
+def test_evaluate_builds_the_benchmark_from_the_test_rows_of_any_manifest(anomaly_run, csv_dataset, tmp_path):
+    run_script("evaluate.py", f"run_dir={anomaly_run}", "data=csv", f"data.manifest={csv_dataset}", "threads=1",
+               f"hydra.run.dir={tmp_path / 'ev'}")
+    m = json.loads((tmp_path / "ev" / "metrics" / "test.json").read_text())
+    n_test = int((pd.read_csv(csv_dataset)["split"] == "test").sum())
+    assert m["benchmark"]["n_clean"] == n_test and str(csv_dataset) in m["benchmark"]["built_from"]
+    assert m["n_images"] == n_test + 4 * 5 * 2 and set(m["cohorts"]) == {"displaced", "noise", "extreme", "subtle"}
+
+
 def test_too_few_clean_images_for_the_statistics_are_refused(tmp_path):
     proc = run_script("train.py", *TINY, "model.scoring.min_clean_images=500", f"hydra.run.dir={tmp_path / 'r'}",
                       check=False, timeout=900)
