@@ -578,11 +578,62 @@ def row_gen_samplers(args) -> dict:
     return out
 
 
+def row_anomaly_steps(args) -> dict:
+    """SAFEGEN: image AUROC (stratified bootstrap CI) against network evaluations per image, for K = 5,
+    10, 25, 50 DDIM steps from t0 and the full ancestral chain from t0, on the same fixed subset of the
+    test benchmark of a trained anomaly run (``--anomaly-run``). Each K gets its own residual statistics,
+    fitted on the same clean calibration images (the run's own are fitted at its K only)."""
+    import numpy as np
+
+    from medtrust.anomaly.scoring import AnomalyStats
+    from medtrust.data.artifacts import ArtifactSpec, build_benchmark
+    from medtrust.evaluation.anomaly import score_images
+    from medtrust.metrics.anomaly import auroc_with_ci
+    from medtrust.runs.builders import rebuild_task
+    from medtrust.runs.rundir import find_checkpoint, load_run_config
+
+    if not args.anomaly_run:
+        raise SystemExit("--rows anomaly_steps needs --anomaly-run <a finished experiment=safegen run folder>")
+    run = Path(args.anomaly_run)
+    rcfg = load_run_config(run)
+    torch.set_num_threads(int(rcfg.threads or 2))
+    task = rebuild_task(rcfg, find_checkpoint(run, "best")).eval()
+    dm = instantiate(rcfg.data)
+    fit_split = "cal" if dm.has_split("cal") else "val"
+    ev = rcfg.get("evaluation") or {}
+    spec = ArtifactSpec.from_config({**dict(ev.get("artifacts") or {}), "per_severity": args.anomaly_per_severity,
+                                     "n_clean": args.anomaly_clean}, "evaluation.artifacts")
+    imgs, _, recs = dm.load_split("test")
+    rows = build_benchmark([t.float().div(255).permute(1, 2, 0).numpy() for t in imgs], spec,
+                           ids=[str(r["id"]) for r in recs])
+    labels = np.array([r["label"] for r in rows])
+    sc = task.score_cfg
+    out: dict = {"row": "anomaly_steps", "run": str(run), "images": len(rows), "injected": int(labels.sum()),
+                 "t0": int(task.recon_cfg["t0"]), "statistics_fitted_on": fit_split}
+    settings = [(f"ddim{k}", "ddim", k) for k in (5, 10, 25, 50)] + [("full_chain", "ancestral", None)]
+    for name, mode, k in settings:
+        task.recon_cfg.update({"mode": mode, **({"k": k} if k else {})})
+        t = time.perf_counter()
+        res, _ = task._split_residuals(dm, fit_split)
+        stats = AnomalyStats.fit(res, min_images=int(sc["min_clean_images"]), top_k_percent=float(sc["top_k_percent"]),
+                                 sigma=float(task.recon_cfg["sigma"]), eps=float(sc["eps"]), fitted_on=fit_split)
+        task.stats = stats
+        t1 = time.perf_counter()
+        scores, _, info = score_images(task, [r["image"] for r in rows], dm.normalize, stats)
+        sec = (time.perf_counter() - t1) / len(rows)
+        auc, ci = auroc_with_ci(scores["residual"], labels, n_boot=args.gen_boot, seed=0)
+        out.update({f"{name}_evals": info["evaluations_per_image"], f"{name}_auroc": round(auc, 4),
+                    f"{name}_auroc_ci": [round(c, 4) for c in ci] if ci else None, f"{name}_s_per_image": round(sec, 3),
+                    f"{name}_fit_s": round(t1 - t, 1)})
+    return out
+
+
 ROWS = {"seg_throughput": row_seg_throughput, "seg_flops": row_seg_flops, "seg_dropout": row_seg_dropout,
         "mc_dropout": row_mc_dropout, "scorecam": row_scorecam, "xai_callback": row_xai_callback,
         "wandb_overhead": row_wandb_overhead, "ddp": row_ddp, "gen_throughput": row_gen_throughput,
-        "lora_step": row_lora_step, "gen_bf16": row_gen_bf16, "gen_samplers": row_gen_samplers}
-DEFAULT_ROWS = [r for r in ROWS if r != "gen_samplers"]  # gen_samplers needs a trained generator run
+        "lora_step": row_lora_step, "gen_bf16": row_gen_bf16, "gen_samplers": row_gen_samplers,
+        "anomaly_steps": row_anomaly_steps}
+DEFAULT_ROWS = [r for r in ROWS if r not in ("gen_samplers", "anomaly_steps")]  # these need a trained run
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -593,6 +644,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="gen_samplers: the folder whose evaluator/ judges the images (default: the run's own)")
     p.add_argument("--gen-prompts", type=int, default=16, help="gen_samplers: test prompts per modality")
     p.add_argument("--gen-boot", type=int, default=200, help="gen_samplers: bootstrap resamples of the FID CI")
+    p.add_argument("--anomaly-run", default=None, help="anomaly_steps: a finished experiment=safegen run folder")
+    p.add_argument("--anomaly-per-severity", type=int, default=4, help="anomaly_steps: injected images per cohort and severity")
+    p.add_argument("--anomaly-clean", type=int, default=80, help="anomaly_steps: clean test images")
     p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each loop")
     p.add_argument("--flop-steps", type=int, default=5)
