@@ -217,6 +217,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                         weights_only=True)
         finally:
             _SIGTERM.fitting = False
+    else:
+        # train=false evaluates the weights training would have started from: the task's fit-time setup
+        # (e.g. a generator's model.vae_run, loaded at fit start) runs as trainer.fit would run it
+        task.setup("fit")
     fit_seconds = time.perf_counter() - t0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # the final evaluation is rank 0's alone: leave the process group so metric objects do not

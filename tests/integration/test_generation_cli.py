@@ -97,3 +97,19 @@ def test_stage_two_without_a_stage_one_run_names_the_key(tmp_path):
     proc = run_script("train.py", "experiment=minim", *DATA, *GEN, f"hydra.run.dir={tmp_path / 'x'}", check=False)
     assert proc.returncode != 0 and "model.vae_run is not set" in (proc.stdout + proc.stderr)
     assert not list(Path(tmp_path / "x").rglob("*.ckpt"))  # stopped before any training
+
+
+def test_train_false_evaluates_what_training_would_start_from_including_the_vae_run(generator_run, tmp_path):
+    """train=false with init_from and another autoencoder (model.vae_run): the evaluated generator has that
+    autoencoder, as trainer.fit would have loaded it (it used to keep the checkpoint's)."""
+    vae2 = tmp_path / "vae2"
+    run_script("train.py", "experiment=minim_vae", *DATA, *VAE, "seed=7", f"hydra.run.dir={vae2}")
+    common = ["experiment=minim", f"model.init_from={generator_run / 'checkpoints' / 'best.ckpt'}", *DATA, *GEN,
+              "train=false", "test=false", f"evaluation.evaluator.from_run={generator_run}"]
+    run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'own'}")
+    run_script("train.py", *common, f"model.vae_run={vae2}", f"hydra.run.dir={tmp_path / 'other'}")
+    assert f"VAE from {vae2}" in (tmp_path / "other" / "train.log").read_text()
+    assert "VAE from" not in (tmp_path / "own" / "train.log").read_text()
+    own, other = (json.loads((tmp_path / r / "metrics" / "val.json").read_text())["generation"]["overall"]
+                  for r in ("own", "other"))
+    assert own["fid"] != other["fid"]
