@@ -226,6 +226,15 @@ def autoencoder_from_folder(path: str) -> nn.Module:
     return vae
 
 
+def _level_blocks(levels: Sequence[bool], channels: Sequence[int], key: str, attn: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """diffusers down / up block types: ``<attn>DownBlock2D`` at the levels flagged, ``DownBlock2D`` elsewhere."""
+    levels = list(levels)
+    if len(levels) != len(channels):
+        raise ValueError(f"{key} has {len(levels)} entries, block_out_channels {len(channels)}; expected one flag per level")
+    return (tuple(f"{attn}DownBlock2D" if a else "DownBlock2D" for a in levels),
+            tuple(f"{attn}UpBlock2D" if a else "UpBlock2D" for a in reversed(levels)))
+
+
 def conditional_unet(sample_size: int = 16, in_channels: int = 4, block_out_channels: Sequence[int] = (64, 128, 128),
                      layers_per_block: int = 1, cross_attention_dim: int = 384, attention_head_dim: int = 8,
                      cross_attention_levels: Sequence[bool] = (False, True, True), norm_num_groups: int = 16,
@@ -235,12 +244,7 @@ def conditional_unet(sample_size: int = 16, in_channels: int = 4, block_out_chan
     embedding (``class_embedding_dim`` None: no class embedding)."""
     from diffusers import UNet2DConditionModel
 
-    levels = list(cross_attention_levels)
-    if len(levels) != len(block_out_channels):
-        raise ValueError(f"model.unet.cross_attention_levels has {len(levels)} entries, block_out_channels "
-                         f"{len(block_out_channels)}; expected one flag per level")
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels))
+    down, up = _level_blocks(cross_attention_levels, block_out_channels, "model.unet.cross_attention_levels", "CrossAttn")
     extra: dict[str, Any] = {}
     if class_embedding_dim:
         extra = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": int(class_embedding_dim)}
@@ -257,12 +261,7 @@ def ddpm_unet(sample_size: int = 64, in_channels: int = 1, block_out_channels: S
     ``attention_levels`` (the low resolutions by default) and in the mid block."""
     from diffusers import UNet2DModel
 
-    levels = list(attention_levels)
-    if len(levels) != len(block_out_channels):
-        raise ValueError(f"model.net.attention_levels has {len(levels)} entries, block_out_channels "
-                         f"{len(block_out_channels)}; expected one flag per level")
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in levels)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels))
+    down, up = _level_blocks(attention_levels, block_out_channels, "model.net.attention_levels", "Attn")
     return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
                        down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
                        layers_per_block=layers_per_block, attention_head_dim=attention_head_dim,

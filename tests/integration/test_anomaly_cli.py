@@ -29,7 +29,8 @@ def test_the_run_writes_stats_and_the_benchmark_metrics_per_cohort(anomaly_run):
     assert m["task"] == "anomaly" and set(m["cohorts"]) == {"displaced", "noise", "extreme", "subtle"}
     for block in (m["overall"], *m["cohorts"].values()):
         assert {"auroc", "auroc_ci", "pixel_auroc", "dice", "spearman_severity"} <= set(block)
-        assert 0 <= block["auroc"] <= 1
+        lo, hi = block["auroc_ci"]
+        assert 0 <= lo <= block["auroc"] <= hi <= 1  # the CI is the bootstrap of this AUROC
     assert m["fitted"]["statistics_fitted_on"] == "cal" and not m["fitted"]["in_sample"]
     assert set(m["detectors"]) == {"residual", "contrastive", "fused"}
     assert m["detectors"]["residual"]["overall"]["auroc"] == pytest.approx(m["overall"]["auroc"])
