@@ -11,9 +11,14 @@ images, each injection with an exact ground-truth mask and a severity level 1-5.
 
 The mask of an injection is exact: every pixel the injection changes lies inside it (a unit test checks
 that the image is bit-identical outside), and it holds only the region the artifact was written to.
-Severity scales the size and the strength of an artifact; within a cohort a higher severity changes
-the image more (a unit test checks the mean absolute change). Every injection depends only on
-``(seed, image index, cohort, severity, draw)``, so the set is reproducible from its seed.
+Severity orders how much an injection changes the image, whatever the image's content: (1) the size
+and strength parameters of every kind grow geometrically from level 1 (at the edge of visibility) to
+level 5 (gross); (2) for a content-dependent change (a displaced patch onto similar tissue changes
+little), ``inject`` draws ``candidates`` placements at the level's parameters and keeps the one whose
+total absolute change ranks at the level's quantile (level 1 the least conspicuous, 5 the most). Unit
+tests check that the total change rises with severity within every kind and that the rank correlation
+of change and severity is high in every cohort. Every injection depends only on ``(seed, image index,
+cohort, severity, draw)``, so the set is reproducible from its seed.
 
 Images are float arrays in [0, 1], ``H×W`` or ``H×W×C``; masks are boolean ``H×W``.
 """
@@ -50,6 +55,11 @@ class Injection:
 
 
 # -- geometry helpers ------------------------------------------------------------------------------
+def _geo(s: int, lo: float, hi: float) -> float:
+    """A parameter that grows geometrically from ``lo`` at severity 1 to ``hi`` at severity 5."""
+    return float(lo * (hi / lo) ** ((s - 1) / 4))
+
+
 def _side(shape: tuple[int, ...], frac: float, lo: int = 3) -> int:
     return max(lo, int(round(min(shape[0], shape[1]) * frac)))
 
@@ -103,7 +113,7 @@ def _finish(original: np.ndarray, out: np.ndarray, region: np.ndarray) -> tuple[
 
 # -- the cohorts -----------------------------------------------------------------------------------
 def _displaced(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
-    side = _side(img.shape, 0.08 + 0.035 * s)  # 11.5 % ... 25.5 % of the short side
+    side = _side(img.shape, _geo(s, 0.12, 0.28))  # 12 % ... 28 % of the short side
     src = _corner(rng, img.shape, side, side)
     patch = img[src[0]:src[0] + side, src[1]:src[1] + side].copy()
     if kind == "mirror":
@@ -125,8 +135,8 @@ def _displaced(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> 
 
 def _band(rng: np.random.Generator, shape: tuple[int, ...], s: int) -> tuple[np.ndarray, dict]:
     H, W = shape[:2]
-    h = _side(shape, 0.15 + 0.07 * s)
-    w = _side(shape, 0.3 + 0.1 * s)
+    h = _side(shape, _geo(s, 0.15, 0.5))
+    w = _side(shape, _geo(s, 0.3, 0.9))
     h, w = min(h, H - 2), min(w, W - 2)
     y, x = _corner(rng, shape, h, w)
     region = np.zeros((H, W), bool)
@@ -138,7 +148,7 @@ def _noise(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tupl
     region, params = _band(rng, img.shape, s)
     angle = float(rng.uniform(0, 180))
     if kind == "motion_blur":
-        length = 2 * s + 3  # 5 ... 13 px
+        length = 2 * int(round(_geo(s, 2, 10))) + 1  # 5 ... 21 px
         k = np.zeros((length, length))
         k[length // 2, :] = 1.0
         k = rotate(k, angle, reshape=False, order=1)
@@ -146,15 +156,15 @@ def _noise(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tupl
         out = convolve(img, k[..., None] if img.ndim == 3 else k, mode="reflect")
         params.update(length=length, angle=angle)
     elif kind == "ghosting":
-        shift = _side(img.shape, 0.06 + 0.02 * s)
-        alpha = 0.12 + 0.07 * s  # 0.19 ... 0.47
+        shift = _side(img.shape, _geo(s, 0.05, 0.2))
+        alpha = _geo(s, 0.15, 0.6)
         axis = int(rng.integers(2))
         ghost = np.roll(img, shift, axis=axis)
         out = (1 - alpha) * img + alpha * ghost
         params.update(shift=shift, alpha=alpha, axis=axis)
     else:  # stripes
         period = float(rng.uniform(3, 6))
-        amp = 0.04 + 0.035 * s  # 0.075 ... 0.215
+        amp = _geo(s, 0.06, 0.3)
         yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
         theta = np.deg2rad(angle)
         wave = amp * np.sin(2 * np.pi * (yy * np.cos(theta) + xx * np.sin(theta)) / period)
@@ -164,10 +174,10 @@ def _noise(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tupl
 
 
 def _extreme(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
-    r = _side(img.shape, 0.03 + 0.02 * s, lo=2)  # radius 5 % ... 13 % of the short side
+    r = _side(img.shape, _geo(s, 0.05, 0.14), lo=2)  # radius 5 % ... 14 % of the short side
     cy, cx = _corner(rng, img.shape, 2 * r, 2 * r)
     cy, cx = cy + r, cx + r
-    strength = 0.4 + 0.12 * s  # 0.52 ... 1.0 of the way to the extreme
+    strength = _geo(s, 0.5, 1.0)  # of the way to the extreme
     target = 1.0 if kind == "saturated" else 0.0
     a = strength * np.clip(_bump(img.shape, cy, cx, r) * 1.6, 0, 1)  # a flat top, then a smooth rim
     out = (1 - _expand(a, img)) * img + _expand(a, img) * target
@@ -177,7 +187,7 @@ def _extreme(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tu
 def _subtle(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
     H, W = img.shape[:2]
     if kind == "texture_swap":  # two small patches trade places (each keeps its own statistics elsewhere)
-        side = _side(img.shape, 0.06 + 0.02 * s)
+        side = _side(img.shape, _geo(s, 0.08, 0.18))
         a = _corner(rng, img.shape, side, side)
         b = _far_corner(rng, img.shape, side, side, a)
         out = img.copy()
@@ -187,11 +197,11 @@ def _subtle(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tup
         region[a[0]:a[0] + side, a[1]:a[1] + side] = region[b[0]:b[0] + side, b[1]:b[1] + side] = True
         return out, region, {"side": side, "patches": [list(a), list(b)]}
     if kind == "warp":  # a local swirl: displacement with compact support
-        r = _side(img.shape, 0.08 + 0.03 * s)
+        r = _side(img.shape, _geo(s, 0.1, 0.22))
         cy, cx = _corner(rng, img.shape, 2 * r, 2 * r)
         cy, cx = cy + r, cx + r
         bump = _bump(img.shape, cy, cx, r)
-        angle = (0.15 + 0.12 * s) * (1 if rng.random() < 0.5 else -1)  # radians at the centre
+        angle = _geo(s, 0.35, 1.2) * (1 if rng.random() < 0.5 else -1)  # radians at the centre
         yy, xx = np.mgrid[:H, :W].astype(float)
         t = angle * bump
         dy, dx = yy - cy, xx - cx
@@ -203,7 +213,7 @@ def _subtle(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tup
                             for c in range(img.shape[2])], axis=2)
         return out, bump > 0, {"radius": r, "centre": [cy, cx], "angle": angle}
     # nodule_duplicate: a small bright spot copied next to itself (a doubled nodule) with a soft edge
-    r = _side(img.shape, 0.025 + 0.008 * s, lo=2)
+    r = _side(img.shape, _geo(s, 0.03, 0.06), lo=2)
     gray = img if img.ndim == 2 else img.mean(axis=2)
     smooth = gaussian_filter(gray, 1.0)
     inner = smooth[2 * r:H - 2 * r, 2 * r:W - 2 * r]
@@ -214,7 +224,7 @@ def _subtle(img: np.ndarray, kind: str, s: int, rng: np.random.Generator) -> tup
     dist = 2.2 * r
     ty = int(np.clip(round(sy + dist * np.sin(ang)), r, H - r - 1))
     tx = int(np.clip(round(sx + dist * np.cos(ang)), r, W - r - 1))
-    a = np.clip(_bump(img.shape, ty, tx, r + 1) * (0.45 + 0.11 * s), 0, 1)
+    a = np.clip(_bump(img.shape, ty, tx, r + 1) * _geo(s, 0.6, 1.0), 0, 1)
     src = np.roll(np.roll(img, ty - sy, axis=0), tx - sx, axis=1)
     out = (1 - _expand(a, img)) * img + _expand(a, img) * src
     return out, a > 0, {"radius": r, "source": [int(sy), int(sx)], "target": [ty, tx]}
@@ -225,11 +235,14 @@ _COHORT_FN: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, dict]]] = {
 
 
 def inject(image: np.ndarray, cohort: str, severity: int, rng: np.random.Generator, kind: str | None = None,
-           min_changed: int = 4, tries: int = 8) -> Injection:
+           min_changed: int = 4, tries: int = 8, candidates: int = 5) -> Injection:
     """Inject one artifact of ``cohort`` at ``severity`` into ``image`` (float in [0, 1]).
 
-    The returned mask holds exactly the pixels that changed. A draw that changes fewer than
-    ``min_changed`` pixels (a displaced patch onto an identical flat background) is drawn again.
+    The returned mask holds exactly the pixels that changed. ``candidates`` placements are drawn at the
+    severity's parameters and the one whose total absolute change ranks at the severity's quantile is
+    kept (severity 1 the smallest change, 5 the largest; ``candidates=1`` keeps the first draw). A draw
+    that changes fewer than ``min_changed`` pixels (a displaced patch onto an identical flat background)
+    is not a candidate.
 
     Raises:
         ValueError: unknown cohort or kind, a severity outside 1-5, an image that is not float in
@@ -239,6 +252,8 @@ def inject(image: np.ndarray, cohort: str, severity: int, rng: np.random.Generat
         raise ValueError(f"unknown artifact cohort {cohort!r}; expected one of {list(COHORTS)}")
     if int(severity) != severity or not 1 <= int(severity) <= 5:
         raise ValueError(f"artifact severity must be an integer 1-5, got {severity!r}")
+    if int(candidates) < 1:
+        raise ValueError(f"candidates={candidates!r}: expected an integer >= 1")
     img = np.asarray(image)
     if img.ndim not in (2, 3) or not np.issubdtype(img.dtype, np.floating):
         raise ValueError(f"inject expects a float image H×W or H×W×C in [0, 1], got {img.dtype} {img.shape}")
@@ -247,14 +262,21 @@ def inject(image: np.ndarray, cohort: str, severity: int, rng: np.random.Generat
     kinds = COHORTS[cohort]
     if kind is not None and kind not in kinds:
         raise ValueError(f"unknown kind {kind!r} of cohort {cohort!r}; expected one of {list(kinds)}")
-    for _ in range(tries):
-        k = kind or kinds[int(rng.integers(len(kinds)))]
+    k = kind or kinds[int(rng.integers(len(kinds)))]
+    found: list[tuple[float, Injection]] = []
+    for _ in range(tries * int(candidates)):
         out, region, params = _COHORT_FN[cohort](img, k, int(severity), rng)
         out, mask = _finish(img, out, region)
         if int(mask.sum()) >= min_changed:
-            return Injection(out, mask, cohort, k, int(severity), params)
-    raise ValueError(f"{cohort} artifacts change fewer than {min_changed} pixels of this image after {tries} draws "
-                     "(a flat image?)")
+            change = float(np.abs(out.astype(np.float64) - img).sum())
+            found.append((change, Injection(out, mask, cohort, k, int(severity), {**params, "change": change})))
+            if len(found) == int(candidates):
+                break
+    if not found:
+        raise ValueError(f"{cohort} artifacts change fewer than {min_changed} pixels of this image after "
+                         f"{tries * int(candidates)} draws (a flat image?)")
+    found.sort(key=lambda t: t[0])
+    return found[int(round((int(severity) - 1) / 4 * (len(found) - 1)))][1]
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
