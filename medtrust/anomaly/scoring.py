@@ -3,7 +3,9 @@
 The residual |x − x̂| of an image (optionally smoothed) is z-scored **per pixel** against the residual
 statistics of clean real validation images: :class:`AnomalyStats`, saved as ``anomaly_stats.pt`` (mean
 and std maps, the image-score and pixel-z percentiles of the clean images, and how many there were). The
-image score is the mean of the top-k % z-residuals. Thresholds come from clean real images: a
+image score is the mean of the top-k % z-residuals (``top_k``), or the excess mass above a z level
+(``excess``: the mean over pixels of max(z − excess_z, 0), which grows with the strength *and* the extent
+of an anomaly, so it orders severities where the top-k mean saturates). Thresholds come from clean real images: a
 percentile, or the smallest threshold that flags at most a given share of them; a threshold from fewer
 clean images than ``min_images`` is refused.
 """
@@ -52,6 +54,15 @@ def top_k_mean(z: torch.Tensor, top_k_percent: float) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
+IMAGE_SCORES = ("top_k", "excess")
+
+
+def excess_mass(z: torch.Tensor, excess_z: float) -> torch.Tensor:
+    """Per image (B×H×W), the mean over pixels of ``max(z − excess_z, 0)``: how much z-residual lies above
+    what clean pixels reach, growing with both the strength and the extent of an anomaly."""
+    return (z - float(excess_z)).clamp(min=0).flatten(1).mean(dim=1)
+
+
 def threshold_at_flag_rate(scores: np.ndarray | torch.Tensor, max_flag_rate: float, min_images: int,
                            what: str = "image scores") -> float:
     """The smallest threshold that flags (score > threshold) at most ``max_flag_rate`` of clean ``scores``.
@@ -90,26 +101,46 @@ class AnomalyStats:
     knn_k: int = 5
     knn_mean: float | None = None          # ... and the leave-one-out k-NN distances of the references
     knn_std: float | None = None
+    reconstruction: dict[str, Any] = field(default_factory=dict)  # the settings the residuals were made with
+    global_mean: float | None = None       # one mean and std over every pixel of the clean residuals: the
+    global_std: float | None = None        # "raw" baseline scores without the per-pixel statistics
+    n_threshold_images: int | None = None  # the clean images the thresholds were fitted on ...
+    thresholds_in_sample: bool = True      # ... and whether they are the statistics' own images
+    image_score: str = "top_k"             # top_k: mean of the top-k % z-residuals; excess: excess_mass above excess_z
+    excess_z: float = 4.0
 
     @classmethod
     def fit(cls, residuals: torch.Tensor, min_images: int, top_k_percent: float = 1.0, sigma: float = 0.0,
             eps: float = 1e-3, max_flag_rate: float = 0.05, pixel_percentile: float = 99.0,
-            fitted_on: str = "") -> "AnomalyStats":
-        """Fit on the residuals (N×H×W) of clean real images; the image threshold flags at most
+            fitted_on: str = "", image_score: str = "top_k", excess_z: float = 4.0,
+            threshold_residuals: torch.Tensor | None = None) -> "AnomalyStats":
+        """Fit the per-pixel statistics on the residuals (N×H×W) of clean real images, and the thresholds
+        on ``threshold_residuals`` (other clean real images) when given: the image threshold flags at most
         ``max_flag_rate`` of them, the pixel threshold is their z-residuals' ``pixel_percentile``.
 
+        Thresholds fitted on the images the statistics were fitted on are in-sample: those images' own
+        mean and std make their z-scores small, so the threshold is too low for new images (on phantom
+        CXRs a "5 %" threshold fitted that way flagged 15 % of clean test images). Pass held-out clean
+        images as ``threshold_residuals`` (:meth:`AnomalyTask.post_fit` splits the calibration images).
+
         Raises:
-            TooFewImagesError: fewer than ``min_images`` residual maps.
+            TooFewImagesError: fewer than ``min_images`` residual maps for the statistics or the thresholds.
         """
         n = int(residuals.shape[0])
         if n < min_images:
             raise TooFewImagesError(f"residual statistics from {n} clean real images: at least {min_images} are "
                                     "needed (evaluation.min_clean_images)")
+        if image_score not in IMAGE_SCORES:
+            raise ValueError(f"model.scoring.image_score={image_score!r}: expected one of {list(IMAGE_SCORES)}")
         res = residuals.double()
         stats = cls(mean=res.mean(0).float(), std=res.std(0).float(), n_images=n, top_k_percent=float(top_k_percent),
-                    sigma=float(sigma), eps=float(eps), fitted_on=fitted_on)
-        z = stats.zscore(residuals)
-        scores = top_k_mean(z, stats.top_k_percent).numpy()
+                    sigma=float(sigma), eps=float(eps), fitted_on=fitted_on, image_score=image_score,
+                    excess_z=float(excess_z), global_mean=float(res.mean()), global_std=float(res.std()))
+        held = residuals if threshold_residuals is None else threshold_residuals
+        stats.n_threshold_images = int(held.shape[0])
+        stats.thresholds_in_sample = threshold_residuals is None
+        z = stats.zscore(held)
+        scores = stats.image_scores(held).numpy()
         stats.score_percentiles = {f"p{p:g}": float(np.percentile(scores, p)) for p in PERCENTILES}
         pix = z.flatten().numpy()
         stats.pixel_percentiles = {f"p{p:g}": float(np.percentile(pix, p)) for p in PERCENTILES}
@@ -151,8 +182,19 @@ class AnomalyStats:
                              f"{tuple(self.mean.shape)} (the size the detector was fitted at)")
         return (residuals - self.mean) / (self.std + self.eps)
 
+    def raw_scores(self, residuals: torch.Tensor) -> torch.Tensor:
+        """The same image score of residuals standardised by one global mean and std (no per-pixel
+        statistics): the raw-residual baseline. With ``top_k`` it ranks images as the top-k % raw residual."""
+        if self.global_mean is None or self.global_std is None:
+            raise ValueError("no global residual statistics (a statistics file of an older version): refit")
+        return self._score((residuals - self.global_mean) / (self.global_std + self.eps))
+
+    def _score(self, z: torch.Tensor) -> torch.Tensor:
+        return excess_mass(z, self.excess_z) if self.image_score == "excess" else top_k_mean(z, self.top_k_percent)
+
     def image_scores(self, residuals: torch.Tensor) -> torch.Tensor:
-        return top_k_mean(self.zscore(residuals), self.top_k_percent)
+        z = self.zscore(residuals)
+        return excess_mass(z, self.excess_z) if self.image_score == "excess" else top_k_mean(z, self.top_k_percent)
 
     # -- a named, saved component: tensors and plain values only (loaded with weights_only=True) --
     def state(self) -> dict[str, Any]:
@@ -161,7 +203,9 @@ class AnomalyStats:
                 "pixel_percentiles": self.pixel_percentiles, "image_threshold": self.image_threshold,
                 "pixel_threshold": self.pixel_threshold, "fitted_on": self.fitted_on, "score_mean": self.score_mean,
                 "score_std": self.score_std, "reference": self.reference, "knn_k": self.knn_k, "knn_mean": self.knn_mean,
-                "knn_std": self.knn_std}
+                "knn_std": self.knn_std, "reconstruction": dict(self.reconstruction), "image_score": self.image_score,
+                "excess_z": self.excess_z, "global_mean": self.global_mean, "global_std": self.global_std,
+                "n_threshold_images": self.n_threshold_images, "thresholds_in_sample": self.thresholds_in_sample}
 
     def save(self, path: str | Path) -> Path:
         """Write atomically; an existing file is never replaced."""

@@ -104,3 +104,55 @@ def test_the_contrastive_score_is_the_distance_to_the_nearest_clean_references_a
     assert torch.equal(back.knn_scores(far), kf)
     with pytest.raises(TooFewImagesError, match="at least 4 are needed"):
         stats.fit_reference(ref[:3], k=3)
+
+
+def test_the_excess_score_grows_with_extent_where_the_top_k_mean_saturates_and_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    clean = (torch.randn(200, 16, 16, generator=g) * 0.05 + 0.2).abs()  # the same scale everywhere
+    top = AnomalyStats.fit(clean, min_images=50, top_k_percent=2.0)
+    exc = AnomalyStats.fit(clean, min_images=50, image_score="excess", excess_z=3.0)
+    two = clean[:2].clone()
+    two[0, 6:9, 6:9] += 1.0          # 9 strong pixels (more than the top 2 % = 6 pixels)
+    two[1, 4:11, 4:11] += 1.0        # 49 equally strong pixels
+    t, e = top.image_scores(two), exc.image_scores(two)
+    assert abs(float(t[1] - t[0])) < 0.1 * float(t[0])  # top-k: about the same for 9 or 49 anomalous pixels
+    assert float(e[1]) > 3 * float(e[0]) > 0              # excess: grows with the extent
+    assert (exc.image_scores(clean) > exc.image_threshold).float().mean() <= 0.05
+    back = AnomalyStats.load(exc.save(tmp_path / "s.pt"))
+    assert back.image_score == "excess" and back.excess_z == 3.0 and torch.equal(back.image_scores(two), e)
+    with pytest.raises(ValueError, match="image_score='mean'"):
+        AnomalyStats.fit(clean, min_images=50, image_score="mean")
+
+
+def test_raw_scores_use_one_global_scale_and_miss_what_only_per_pixel_statistics_see():
+    from medtrust.metrics.anomaly import _auroc
+
+    stats = AnomalyStats.fit(_clean(400), min_images=50, top_k_percent=2.0)
+    clean, bumped = _clean(60, seed=5), _clean(60, seed=6)
+    bumped[:, 5:8, 0:3] += 0.15   # unusual only against the small residuals of these columns
+    raw = stats.raw_scores(torch.cat([clean, bumped]))
+    assert torch.equal(raw.argsort(), top_k_mean(torch.cat([clean, bumped]), 2.0).argsort())  # = raw top-k ranks
+    y = np.r_[np.zeros(60), np.ones(60)]
+    assert _auroc(stats.image_scores(torch.cat([clean, bumped])).numpy(), y) > 0.95
+    assert _auroc(raw.numpy(), y) < 0.75
+
+
+def test_thresholds_from_held_out_clean_images_carry_over_where_in_sample_ones_do_not():
+    """The in-sample threshold is fitted on the images whose own mean and std make their z small: on new
+    clean images it flags more than its nominal 5 %. Held-out clean images give one that carries over."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(16, 16, generator=g) * 0.2 + 0.01   # every pixel its own scale
+
+    def clean(n: int, seed: int) -> torch.Tensor:
+        return torch.randn(n, 16, 16, generator=torch.Generator().manual_seed(seed)) * scale + 1.0
+
+    fit, held, new = clean(30, 1), clean(200, 2), clean(2000, 3)
+    kw = dict(min_images=20, image_score="excess", excess_z=3.0, max_flag_rate=0.05)
+    inside = AnomalyStats.fit(fit, **kw)
+    outside = AnomalyStats.fit(fit, threshold_residuals=held, **kw)
+    assert inside.thresholds_in_sample and not outside.thresholds_in_sample and outside.n_threshold_images == 200
+    rate_in = float((inside.image_scores(new) > inside.image_threshold).float().mean())
+    rate_out = float((outside.image_scores(new) > outside.image_threshold).float().mean())
+    assert rate_in > 0.15 and rate_out < 0.08
+    with pytest.raises(TooFewImagesError):
+        AnomalyStats.fit(fit, threshold_residuals=held[:5], **kw)
