@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from medtrust.anomaly.reconstruction import mid_embedding, reconstruct
-from medtrust.anomaly.scoring import AnomalyStats, residual
+from medtrust.anomaly.scoring import IMAGE_SCORES, AnomalyStats, residual
 from medtrust.evaluation.config import to_plain
 from medtrust.generation.sampling import diffusion_target, training_scheduler
 from medtrust.tasks.base import EvalResult, ReportSection, RunModel, TaskBase, TrustLine, load_init_weights
@@ -29,9 +29,9 @@ from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
 STATS_FILE = "anomaly_stats.pt"
-RECON_DEFAULTS = {"t0": 250, "k": 10, "r": 1, "mode": "ddim", "sigma": 1.0, "seed": 0}
-SCORE_DEFAULTS = {"top_k_percent": 1.0, "max_flag_rate": 0.05, "pixel_percentile": 99.0, "min_clean_images": 20,
-                  "eps": 1e-3, "knn_k": 5}
+RECON_DEFAULTS = {"t0": 50, "k": 2, "r": 4, "mode": "ddim", "sigma": 1.0, "seed": 0}
+SCORE_DEFAULTS = {"image_score": "excess", "excess_z": 4.0, "top_k_percent": 1.0, "max_flag_rate": 0.05,
+                  "pixel_percentile": 99.0, "min_clean_images": 20, "eps": 1e-3, "knn_k": 5, "threshold_fraction": 0.5}
 
 
 def _checked(given: Mapping[str, Any] | None, defaults: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -39,7 +39,10 @@ def _checked(given: Mapping[str, Any] | None, defaults: Mapping[str, Any], key: 
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"{key}: unknown key(s) {unknown}; expected {sorted(defaults)}")
-    return {**defaults, **given}
+    out = {**defaults, **given}
+    if "image_score" in out and out["image_score"] not in IMAGE_SCORES:
+        raise ValueError(f"{key}.image_score={out['image_score']!r}: expected one of {list(IMAGE_SCORES)}")
+    return out
 
 
 class AnomalyTask(TaskBase):
@@ -52,7 +55,8 @@ class AnomalyTask(TaskBase):
         noise: ``{num_train_timesteps, beta_schedule, prediction_type, beta_start, beta_end}``.
         t_range: ``[low, high)`` of the training timesteps (SAFEGEN trains where it reconstructs).
         reconstruction: ``{t0, k, r, mode (ddim | ancestral), sigma (residual smoothing, px), seed}``.
-        scoring: ``{top_k_percent, max_flag_rate, pixel_percentile, min_clean_images, eps, knn_k}`` (``knn_k``:
+        scoring: ``{image_score (top_k | excess), excess_z, threshold_fraction (share of the calibration images
+            held out from the per-pixel statistics to fit the thresholds on), top_k_percent, max_flag_rate, pixel_percentile, min_clean_images, eps, knn_k}`` (``knn_k``:
             neighbours of the contrastive score among the clean reference embeddings).
         val_timesteps: fixed timesteps of the validation loss (same noise every epoch).
     """
@@ -61,11 +65,12 @@ class AnomalyTask(TaskBase):
     metric_group: ClassVar[str] = "anomaly"
     evaluation_config: ClassVar[str] = "anomaly"
     xai_target_kinds: ClassVar[tuple[str, ...]] = ("anomaly_score",)
+    recon_defaults: ClassVar[dict[str, Any]] = RECON_DEFAULTS
 
     def __init__(self, net: nn.Module, loss: nn.Module, optimizer: Any, scheduler: Any = None,
                  scheduler_interval: str = "step", noise: Mapping[str, Any] | None = None,
                  t_range: Sequence[int] | None = None, reconstruction: Mapping[str, Any] | None = None,
-                 scoring: Mapping[str, Any] | None = None, val_timesteps: Sequence[int] = (50, 150, 250, 400),
+                 scoring: Mapping[str, Any] | None = None, val_timesteps: Sequence[int] = (10, 50, 100, 200),
                  monitor: str = "val/anomaly/loss", monitor_mode: str = "min", init_from: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
@@ -88,8 +93,24 @@ class AnomalyTask(TaskBase):
 
     # -- training ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = torch.full((x.shape[0],), int(self.recon_cfg["t0"]), dtype=torch.long, device=x.device)
-        return self.net(x, t).sample
+        """The one-step reconstruction residual ``x − x̂₀``: ``x`` noised to t₀ with a fixed seeded draw
+        (so the same image gives the same output), denoised in one network evaluation. Differentiable,
+        so its mean square — the ``anomaly_score`` XAI target — can be attributed to pixels."""
+        t0 = int(self.recon_cfg["t0"])
+        t = torch.full((x.shape[0],), t0, dtype=torch.long, device=x.device)
+        noise = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(self.recon_cfg["seed"])))
+        noise = noise.to(x).expand_as(x)
+        xt = self.noise_scheduler.add_noise(x, noise, t)
+        pred = self.net(xt, t).sample
+        a = self.noise_scheduler.alphas_cumprod.to(x)[t0]
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            x0 = (xt - (1 - a).sqrt() * pred) / a.sqrt()
+        elif kind == "v_prediction":
+            x0 = a.sqrt() * xt - (1 - a).sqrt() * pred
+        else:
+            x0 = pred
+        return x - x0
 
     def _loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         noisy = self.noise_scheduler.add_noise(x, noise, t)
@@ -119,10 +140,21 @@ class AnomalyTask(TaskBase):
     def residuals(self, x: torch.Tensor, mode: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Residual maps (B×H×W, smoothed as configured) of images ``x`` in the model's range."""
         self.eval()
+        rec, info = self.reconstruct(x, mode)
+        return residual(x, rec, float(self.recon_cfg["sigma"])), {**info, "reconstruction": rec}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, mode: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The reconstruction of ``x`` the residual is taken against, and what it cost."""
         c = self.recon_cfg
-        rec, info = reconstruct(self.net, self.noise_scheduler, x, int(c["t0"]), int(c["k"]), int(c["r"]),
-                                int(c["seed"]), mode or str(c["mode"]))
-        return residual(x, rec, float(c["sigma"])), {**info, "reconstruction": rec}
+        return reconstruct(self.net, self.noise_scheduler, x, int(c["t0"]), int(c["k"]), int(c["r"]),
+                           int(c["seed"]), mode or str(c["mode"]))
+
+    def reconstruction_summary(self) -> dict[str, Any]:
+        """The reconstruction settings written next to every evaluation."""
+        c = self.recon_cfg
+        return {"detector": "ddpm", "t0": int(c["t0"]), "k": int(c["k"]), "r": int(c["r"]), "sigma": float(c["sigma"]),
+                "mode": str(c["mode"])}
 
     def check_input(self, x: torch.Tensor, where: str) -> None:
         size = int(self.net.config.sample_size) if isinstance(self.net.config.sample_size, int) else None
@@ -142,16 +174,42 @@ class AnomalyTask(TaskBase):
         return torch.cat(res), torch.cat(emb)
 
     # -- the contract ------------------------------------------------------------------------------
+    def use_evaluation_reconstruction(self, evaluation: Any) -> None:
+        """Apply ``evaluation.reconstruction`` (e.g. ``mode: ancestral`` on a subset, or another K) on top
+        of the run's reconstruction settings.
+
+        Raises:
+            ValueError: an unknown key, naming it.
+        """
+        ev = to_plain(evaluation) if evaluation is not None else {}
+        over = {k: v for k, v in dict(ev.get("reconstruction") or {}).items() if v is not None}
+        if over:
+            unknown = sorted(set(over) - set(self.recon_defaults))
+            if unknown:
+                raise ValueError(f"evaluation.reconstruction: unknown key(s) {unknown}; expected {sorted(self.recon_defaults)}")
+            self.recon_cfg = {**self.recon_cfg, **over}
+
     def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any]:
         """Residual statistics and thresholds of clean real images of the calibration split (val when
-        there is none), written to ``anomaly_stats.pt``."""
+        there is none), written to ``anomaly_stats.pt`` with the reconstruction settings they hold for."""
+        self.use_evaluation_reconstruction(evaluation)
         split = "cal" if datamodule.has_split("cal") else "val"
         res, emb = self._split_residuals(datamodule, split)
         s = self.score_cfg
-        self.stats = AnomalyStats.fit(res, min_images=int(s["min_clean_images"]), top_k_percent=float(s["top_k_percent"]),
+        # the thresholds from clean images held out from the per-pixel statistics (out of sample for them)
+        frac = float(s["threshold_fraction"])
+        order = np.random.default_rng(int(self.recon_cfg.get("seed", 0))).permutation(len(res))
+        n_thr = int(round(frac * len(res)))
+        held = torch.from_numpy(order[:n_thr]) if n_thr else None
+        fit_idx = torch.from_numpy(order[n_thr:]) if n_thr else torch.arange(len(res))
+        self.stats = AnomalyStats.fit(res[fit_idx], min_images=int(s["min_clean_images"]),
+                                      threshold_residuals=res[held] if held is not None else None,
+                                      top_k_percent=float(s["top_k_percent"]),
                                       sigma=float(self.recon_cfg["sigma"]), eps=float(s["eps"]),
                                       max_flag_rate=float(s["max_flag_rate"]),
-                                      pixel_percentile=float(s["pixel_percentile"]), fitted_on=split)
+                                      pixel_percentile=float(s["pixel_percentile"]), fitted_on=split,
+                                      image_score=str(s["image_score"]), excess_z=float(s["excess_z"]))
+        self.stats.reconstruction = self.reconstruction_summary()
         self.stats.fit_reference(emb, int(s["knn_k"]))
         path = Path(run_dir) / STATS_FILE
         if not path.exists():
@@ -160,7 +218,8 @@ class AnomalyTask(TaskBase):
 
     @staticmethod
     def _stats_summary(stats: AnomalyStats) -> dict[str, Any]:
-        return {"fitted_on": stats.fitted_on, "n_images": stats.n_images, "image_threshold": stats.image_threshold,
+        return {"fitted_on": stats.fitted_on, "n_images": stats.n_images, "n_threshold_images": stats.n_threshold_images,
+                "thresholds_in_sample": stats.thresholds_in_sample, "image_threshold": stats.image_threshold,
                 "pixel_threshold": stats.pixel_threshold, "top_k_percent": stats.top_k_percent,
                 "score_percentiles": stats.score_percentiles, "pixel_percentiles": stats.pixel_percentiles}
 
@@ -181,7 +240,13 @@ class AnomalyTask(TaskBase):
                        extra: Mapping[str, Any] | None = None, fitted: Mapping[str, Any] | None = None) -> EvalResult:
         from medtrust.evaluation.anomaly import evaluate_anomaly
 
-        return evaluate_anomaly(self, datamodule, split, Path(out_dir), evaluation, extra, self._stats_for(fitted))
+        self.use_evaluation_reconstruction(evaluation)
+        stats = self._stats_for(fitted)
+        if stats.reconstruction and stats.reconstruction != self.reconstruction_summary():
+            raise ValueError(f"the residual statistics (anomaly_stats.pt) were fitted with reconstruction "
+                             f"{stats.reconstruction}; this evaluation reconstructs with {self.reconstruction_summary()}: "
+                             "pass refit=true to fit them again with these settings (into the evaluation folder)")
+        return evaluate_anomaly(self, datamodule, split, Path(out_dir), evaluation, extra, stats)
 
     @classmethod
     def report_sections(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
@@ -203,7 +268,35 @@ class AnomalyTask(TaskBase):
     def explain_target(self, output: torch.Tensor, fixed: torch.Tensor | None, kind: str) -> torch.Tensor:
         if kind != "anomaly_score":
             raise ValueError(f"xai target kind {kind!r}: an anomaly run explains 'anomaly_score'")
-        return output.flatten(1).pow(2).mean(1)  # the size of the predicted noise at t0: large where unreal
+        return output.flatten(1).pow(2).mean(1)  # the reconstruction error: large where the image is unreal
+
+    def explain_images(self, datamodule: Any, split: str, n: int, seed: int = 0,
+                       evaluation: Any = None) -> dict[str, Any] | None:
+        """``n`` injected images of the artifact benchmark built from ``split`` (the evaluation's
+        ``artifacts`` settings), taken in turn from each cohort, with their exact masks: explain.py's
+        localisation metrics are then against the artifact masks."""
+        from medtrust.data.artifacts import ArtifactSpec, build_benchmark
+        from medtrust.evaluation.anomaly import _normalise
+
+        ev = to_plain(evaluation) if evaluation is not None else {}
+        spec = ArtifactSpec.from_config(ev.get("artifacts"), "evaluation.artifacts")
+        imgs, _, recs = datamodule.load_split(split)
+        clean = [t.float().div(255).permute(1, 2, 0).numpy() for t in imgs]
+        rows = [r for r in build_benchmark(clean, spec, ids=[str(r["id"]) for r in recs]) if r["label"] == 1]
+        by: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by.setdefault(r["cohort"], []).append(r)
+        rng = np.random.default_rng(seed)
+        queues = {c: [v[i] for i in rng.permutation(len(v))] for c, v in by.items()}
+        chosen: list[dict[str, Any]] = []
+        while len(chosen) < n and any(queues.values()):
+            for c in list(queues):
+                if queues[c] and len(chosen) < n:
+                    chosen.append(queues[c].pop())
+        x = torch.stack([_normalise(r["image"], datamodule.normalize) for r in chosen])
+        self.check_input(x, f"explanation images of {split}")
+        return {"images": x, "masks": torch.stack([torch.from_numpy(r["mask"]).float()[None] for r in chosen]),
+                "labels": None, "raw": [r["image"] for r in chosen], "ids": [r["id"] for r in chosen]}
 
     def explain_view(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         res, _ = self.residuals(images)
@@ -226,3 +319,71 @@ class AnomalyTask(TaskBase):
     def embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """Mid-block embeddings at t0 (the contrastive score's features)."""
         return mid_embedding(self.net, self.noise_scheduler, x, int(self.recon_cfg["t0"]), int(self.recon_cfg["seed"]))
+
+
+AE_RECON_DEFAULTS = {"sigma": 1.0}
+
+
+class AutoencoderAnomalyTask(AnomalyTask):
+    """The reconstruction baseline of SAFEGEN's comparison: a convolutional autoencoder (MONAI
+    ``AutoEncoder`` with a narrow bottleneck, ``medtrust.nets.anomaly.conv_autoencoder``) trained on the
+    same real images to reconstruct them (``loss``: L1 or MSE), scored exactly as the DDPM: the residual
+    |x − AE(x)|, z-scored per pixel against clean real images, top-k % mean, the same thresholds, the
+    same benchmark and report. The contrastive score uses the bottleneck code.
+
+    ``forward(x)`` is the residual ``x − AE(x)`` (its mean square, the ``anomaly_score`` XAI target, is the
+    reconstruction error).
+    """
+
+    recon_defaults: ClassVar[dict[str, Any]] = AE_RECON_DEFAULTS
+
+    def __init__(self, net: nn.Module, loss: nn.Module, optimizer: Any, scheduler: Any = None,
+                 scheduler_interval: str = "step", reconstruction: Mapping[str, Any] | None = None,
+                 scoring: Mapping[str, Any] | None = None, monitor: str = "val/anomaly/loss",
+                 monitor_mode: str = "min", init_from: str | None = None) -> None:
+        TaskBase.__init__(self)
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
+        self.net, self.loss = net, loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.scheduler_interval, self.monitor = scheduler_interval, monitor
+        self.recon_cfg = _checked(reconstruction, self.recon_defaults, "model.reconstruction")
+        self.score_cfg = _checked(scoring, SCORE_DEFAULTS, "model.scoring")
+        self.stats = None
+        self.init_report = load_init_weights(self, init_from) if init_from else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.net(x)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x = batch["image"]
+        loss = self.loss(self.net(x), x)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(x), prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        loss = self.loss(self.net(x), x)
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(x), prog_bar=True)
+        self.log("val/anomaly/loss", loss, on_epoch=True, batch_size=len(x))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, mode: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        self.eval()
+        return self.net(x), {"evaluations_per_image": 1, "mode": "autoencoder"}
+
+    def check_input(self, x: torch.Tensor, where: str) -> None:
+        ch = int(self.net.in_channels)
+        size = tuple(self.stats.mean.shape) if self.stats is not None else None
+        if x.shape[1] != ch or (size is not None and tuple(x.shape[-2:]) != size):
+            raise ValueError(f"{where}: images of {x.shape[1]} channel(s) at {tuple(x.shape[-2:])}, the detector was "
+                             f"trained on {ch} channel(s){f' and fitted at {size}' if size else ''} (set data.image_size "
+                             "/ data.channels, or data.resize to resize)")
+
+    def reconstruction_summary(self) -> dict[str, Any]:
+        return {"detector": "autoencoder", "sigma": float(self.recon_cfg["sigma"]), "mode": "autoencoder"}
+
+    @torch.no_grad()
+    def embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck code, flattened (the contrastive score's features)."""
+        self.eval()
+        return self.net.intermediate(self.net.encode(x)).flatten(1)

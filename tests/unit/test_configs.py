@@ -41,15 +41,18 @@ def test_every_model_builds_and_forwards_at_32px(model):
         loss.backward()
         assert loss.ndim == 0 and torch.isfinite(loss)
         return
-    if model == "ddpm_anomaly":  # trained on real images only: one denoising step, then a residual map
-        c = cfg("experiment=safegen", "data.image_size=[32,32]", "model.reconstruction.k=2")
+    if model in ("ddpm_anomaly", "ae_anomaly"):  # trained on real images only: one step, then a residual map
+        exp = "safegen" if model == "ddpm_anomaly" else "safegen_ae"
+        c = cfg(f"experiment={exp}", "data.image_size=[32,32]")
         task = instantiate(c.model, loss=instantiate(c.loss), _convert_="all")
         x = torch.rand(2, 1, 32, 32) * 2 - 1
         loss = task.training_step({"image": x}, 0)
         loss.backward()
         assert loss.ndim == 0 and torch.isfinite(loss)
         res, info = task.residuals(x)
-        assert res.shape == (2, 32, 32) and info["evaluations_per_image"] == 2
+        evals = c.model.reconstruction.k * c.model.reconstruction.r if model == "ddpm_anomaly" else 1
+        assert res.shape == (2, 32, 32) and info["evaluations_per_image"] == evals
+        assert task(x).shape == x.shape  # the differentiable residual the anomaly_score XAI target explains
         return
     cls = "classifier" in model
     data = ["data=phantom_cxr", "loss=ce"] if cls else []
@@ -136,7 +139,8 @@ def test_model_config_chooses_its_tasks_evaluation_and_callbacks(model):
     own = OmegaConf.load(CONF / "evaluation" / f"{task_cls.evaluation_config}.yaml")
     assert set(c.evaluation) == set(own) and "trust" in c.evaluation
     assert {"model_checkpoint", "on_exception"} <= set(c.callbacks)
-    own_callbacks = {"AutoencoderTask": set(), "GenerationTask": {"samples"}, "AnomalyTask": set()}.get(
+    own_callbacks = {"AutoencoderTask": set(), "GenerationTask": {"samples"}, "AnomalyTask": set(),
+                     "AutoencoderAnomalyTask": set()}.get(
         task_cls.__name__, {"calibration"})
     assert own_callbacks <= set(c.callbacks)
 
