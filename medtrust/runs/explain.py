@@ -59,7 +59,9 @@ def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg:
     for m in methods.values():
         m.check(task)
     n = min(int(n_images), len(dm.dataset(split)))
-    x, masks, labels, ids = gather(task, dm, split, list(range(n)), OmegaConf.to_container(xcfg.target), seed)
+    x, masks, labels, ids = gather(task, dm, split, list(range(n)), OmegaConf.to_container(xcfg.target), seed,
+                                   evaluation)
+    n = len(ids)
     seconds: dict[str, float] = {}
     by_method = {}
     for name, m in tqdm(methods.items(), desc="explanations", unit="method", disable=not progress_bar_enabled()):

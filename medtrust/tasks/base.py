@@ -177,6 +177,13 @@ class Task(Protocol):
                         labels: torch.Tensor | None, evaluation: Any = None) -> dict[str, Any] | None:
         """Per-image ``uncertainty`` and ``correct`` arrays (stability vs uncertainty), or None."""
 
+    def explain_images(self, datamodule: Any, split: str, n: int, seed: int = 0,
+                       evaluation: Any = None) -> dict[str, Any] | None:
+        """The images explain.py explains when they are not the split's own (None: the split's first
+        ``n`` images): ``{"images" (B×C×H×W, normalised), "masks" (B×1×H×W or None), "labels" (or None),
+        "raw" (B images H×W×C in [0, 1]), "ids"}`` — e.g. an anomaly detector's injected artifacts with
+        their masks."""
+
     def explain_view(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         """What the explanation grid shows: ``pred`` (B×H×W), ``captions`` (list or None) and
         ``pixel_prob`` (B×H×W per-pixel probabilities, or None when the task has none)."""
@@ -192,7 +199,8 @@ def check_task(task: Any) -> None:
     names = [n for n in ("task_name", "metric_group", "evaluation_config", "xai_target_kinds",
                          "has_pixel_probabilities", "post_fit",
                          "load_post_fit", "evaluate_split", "report_sections", "trust_summary", "fix_xai_target",
-                         "explain_target", "explain_outcome", "explain_view", "compare") if not hasattr(task, n)]
+                         "explain_target", "explain_outcome", "explain_images", "explain_view", "compare")
+             if not hasattr(task, n)]
     if names:
         raise TypeError(f"{type(task).__name__} does not implement the task contract (medtrust.tasks.base.Task): "
                         f"missing {names}")
@@ -310,6 +318,10 @@ class TaskBase(L.LightningModule):
 
     def explain_outcome(self, images: torch.Tensor, fixed: torch.Tensor | None, masks: torch.Tensor | None,
                         labels: torch.Tensor | None, evaluation: Any = None) -> dict[str, Any] | None:
+        return None
+
+    def explain_images(self, datamodule: Any, split: str, n: int, seed: int = 0,
+                       evaluation: Any = None) -> dict[str, Any] | None:
         return None
 
     @classmethod

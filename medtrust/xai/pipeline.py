@@ -42,12 +42,21 @@ def black_value(dm: Any) -> torch.Tensor | None:
 
 
 def gather(task: torch.nn.Module, dm: Any, split: str, indices: Sequence[int], target_spec: Mapping[str, Any],
-           seed: int = 0) -> tuple[ExplainInputs, torch.Tensor | None, torch.Tensor | None, list[str]]:
-    """Images ``indices`` of ``split`` (un-augmented) with the target fixed on them.
+           seed: int = 0, evaluation: Any = None) -> tuple[ExplainInputs, torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """Images ``indices`` of ``split`` (un-augmented) with the target fixed on them, or as many of the
+    task's own explanation images (:meth:`Task.explain_images`, e.g. injected artifacts).
 
     Returns:
         (inputs, masks B×1×H×W or None, labels B or None, image ids).
     """
+    own = task.explain_images(dm, split, len(indices), seed, evaluation) if hasattr(task, "explain_images") else None
+    if own is not None:  # the task's own images (e.g. injected artifacts with their masks)
+        device = next(task.parameters()).device
+        images = own["images"].to(device)
+        fixed = fix_target(task, images, target_spec, own.get("masks"), own.get("labels"))
+        x = ExplainInputs(task, images, make_target(task, str(target_spec["kind"]), fixed), black_value(dm),
+                          list(own["raw"]), seed)
+        return x, own.get("masks"), own.get("labels"), list(own["ids"])
     ds = dm.dataset(split)
     batch = default_collate([ds[i] for i in indices])
     device = next(task.parameters()).device
