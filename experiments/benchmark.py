@@ -579,15 +579,17 @@ def row_gen_samplers(args) -> dict:
 
 
 def row_anomaly_steps(args) -> dict:
-    """SAFEGEN: image AUROC (stratified bootstrap CI) against network evaluations per image, for K = 5,
-    10, 25, 50 DDIM steps from t0 and the full ancestral chain from t0, on the same fixed subset of the
-    test benchmark of a trained anomaly run (``--anomaly-run``). Each K gets its own residual statistics,
-    fitted on the same clean calibration images (the run's own are fitted at its K only)."""
+    """SAFEGEN: image AUROC (stratified bootstrap CI) against network evaluations per image, for K = 1, 2,
+    5, 10, 25, 50 DDIM steps from t0 and the full ancestral chain from t0 (every DDPM step), each with the
+    run's R draws, on the same fixed subset of the test benchmark of a trained anomaly run
+    (``--anomaly-run``). Each setting gets its own residual statistics, fitted on the same first
+    ``--anomaly-fit-images`` clean calibration images (the run's own are fitted at its K only) with the
+    run's image score."""
     import numpy as np
 
     from medtrust.anomaly.scoring import AnomalyStats
     from medtrust.data.artifacts import ArtifactSpec, build_benchmark
-    from medtrust.evaluation.anomaly import score_images
+    from medtrust.evaluation.anomaly import _normalise, score_images
     from medtrust.metrics.anomaly import auroc_with_ci
     from medtrust.runs.builders import rebuild_task
     from medtrust.runs.rundir import find_checkpoint, load_run_config
@@ -607,16 +609,22 @@ def row_anomaly_steps(args) -> dict:
     rows = build_benchmark([t.float().div(255).permute(1, 2, 0).numpy() for t in imgs], spec,
                            ids=[str(r["id"]) for r in recs])
     labels = np.array([r["label"] for r in rows])
+    fit_imgs = dm.load_split(fit_split)[0][:args.anomaly_fit_images]
+    fit_x = torch.stack([_normalise(t.float().div(255).permute(1, 2, 0).numpy(), dm.normalize) for t in fit_imgs])
     sc = task.score_cfg
     out: dict = {"row": "anomaly_steps", "run": str(run), "images": len(rows), "injected": int(labels.sum()),
-                 "t0": int(task.recon_cfg["t0"]), "statistics_fitted_on": fit_split}
-    settings = [(f"ddim{k}", "ddim", k) for k in (5, 10, 25, 50)] + [("full_chain", "ancestral", None)]
+                 "t0": int(task.recon_cfg["t0"]), "r": int(task.recon_cfg["r"]), "image_score": sc["image_score"],
+                 "statistics_fitted_on": f"{fit_split} (first {len(fit_imgs)} images)",
+                 "run_default_k": int(task.recon_cfg["k"])}
+    settings = [(f"ddim{k}", "ddim", k) for k in (1, 2, 5, 10, 25, 50) if k <= int(task.recon_cfg["t0"]) + 1]
+    settings += [("full_chain", "ancestral", None)]
     for name, mode, k in settings:
         task.recon_cfg.update({"mode": mode, **({"k": k} if k else {})})
         t = time.perf_counter()
-        res, _ = task._split_residuals(dm, fit_split)
+        res = torch.cat([task.residuals(fit_x[i:i + 32])[0] for i in range(0, len(fit_x), 32)])
         stats = AnomalyStats.fit(res, min_images=int(sc["min_clean_images"]), top_k_percent=float(sc["top_k_percent"]),
-                                 sigma=float(task.recon_cfg["sigma"]), eps=float(sc["eps"]), fitted_on=fit_split)
+                                 sigma=float(task.recon_cfg["sigma"]), eps=float(sc["eps"]), fitted_on=fit_split,
+                                 image_score=str(sc["image_score"]), excess_z=float(sc["excess_z"]))
         task.stats = stats
         t1 = time.perf_counter()
         scores, _, info = score_images(task, [r["image"] for r in rows], dm.normalize, stats)
@@ -625,6 +633,7 @@ def row_anomaly_steps(args) -> dict:
         out.update({f"{name}_evals": info["evaluations_per_image"], f"{name}_auroc": round(auc, 4),
                     f"{name}_auroc_ci": [round(c, 4) for c in ci] if ci else None, f"{name}_s_per_image": round(sec, 3),
                     f"{name}_fit_s": round(t1 - t, 1)})
+        print(f"anomaly_steps {name}: {info['evaluations_per_image']} evaluations/image, AUROC {auc:.3f} {ci}", flush=True)
     return out
 
 
@@ -645,8 +654,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gen-prompts", type=int, default=16, help="gen_samplers: test prompts per modality")
     p.add_argument("--gen-boot", type=int, default=200, help="gen_samplers: bootstrap resamples of the FID CI")
     p.add_argument("--anomaly-run", default=None, help="anomaly_steps: a finished experiment=safegen run folder")
-    p.add_argument("--anomaly-per-severity", type=int, default=4, help="anomaly_steps: injected images per cohort and severity")
-    p.add_argument("--anomaly-clean", type=int, default=80, help="anomaly_steps: clean test images")
+    p.add_argument("--anomaly-per-severity", type=int, default=2, help="anomaly_steps: injected images per cohort and severity")
+    p.add_argument("--anomaly-clean", type=int, default=40, help="anomaly_steps: clean test images")
+    p.add_argument("--anomaly-fit-images", type=int, default=60, help="anomaly_steps: clean calibration images the "
+                   "statistics of every setting are fitted on")
     p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each loop")
     p.add_argument("--flop-steps", type=int, default=5)

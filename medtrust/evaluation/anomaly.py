@@ -4,7 +4,7 @@ images (held out from training), every image scored against the clean real stati
 Writes ``metrics/<split>.json`` (``overall`` and ``cohorts.<name>``, each with ``auroc``, ``auroc_ci``,
 ``pixel_auroc``, ``dice``, ``iou``, ``pointing_game``, ``relevance_mass``, ``spearman_severity``,
 ``spearman_map_mask``, flagged shares; all of the residual score), ``detectors.{residual, contrastive,
-fused}`` (image AUROC of each score, overall and per cohort), ``metrics/<split>_benchmark.csv`` (one row
+fused, raw_residual}`` (image AUROC of each score, overall and per cohort), ``metrics/<split>_benchmark.csv`` (one row
 per image) and a figure of example maps per cohort.
 """
 from __future__ import annotations
@@ -40,9 +40,11 @@ def _normalise(img: np.ndarray, normalize: Mapping[str, Any] | None) -> torch.Te
 
 def score_images(task: Any, images: list[np.ndarray], normalize: Mapping[str, Any] | None, stats: AnomalyStats,
                  batch_size: int = 32) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
-    """Image scores (``residual``, and with a k-NN reference ``contrastive`` and ``fused``; N each) and
+    """Image scores (``residual``: top-k % of the z-residual; ``raw_residual``: the same image score of
+    the residual standardised by one global mean and std instead of per pixel; and
+    with a k-NN reference ``contrastive`` and ``fused``; N each) and
     z-residual maps (N×H×W) of images H×W×C in [0, 1]."""
-    scores: dict[str, list[np.ndarray]] = {"residual": [], "contrastive": [], "fused": []}
+    scores: dict[str, list[np.ndarray]] = {"residual": [], "raw_residual": [], "contrastive": [], "fused": []}
     maps, info = [], {}
     for i in range(0, len(images), batch_size):
         x = torch.stack([_normalise(im, normalize) for im in images[i:i + batch_size]])
@@ -50,6 +52,7 @@ def score_images(task: Any, images: list[np.ndarray], normalize: Mapping[str, An
         res, info = task.residuals(x)
         s = stats.image_scores(res)
         scores["residual"].append(s.numpy())
+        scores["raw_residual"].append(stats.raw_scores(res).numpy())  # no per-pixel z-scoring: the baseline
         if stats.reference is not None:
             knn = stats.knn_scores(task.embeddings(x))
             scores["contrastive"].append(knn.numpy())
@@ -98,6 +101,8 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
     if ev.get("figures", True):
         figures.append(_figure(rows, maps, scores, out_dir / "figures" / split / "anomaly_maps.png",
                                int(ev.get("n_show", 4)), split))
+        figures.append(_roc_figure(scores, labels, np.asarray(cohorts, dtype=object),
+                                   out_dir / "figures" / split / "anomaly_roc.png", split))
     o = res["overall"]
     metrics: dict[str, Any] = {
         "split": split, "task": task.task_name, "metric_group": task.metric_group, "metric_groups": ["anomaly"],
@@ -108,15 +113,81 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
         "benchmark": {"cohorts": list(spec.cohorts), "severities": list(spec.severities),
                       "per_severity": spec.per_severity, "n_clean": int((labels == 0).sum()), "seed": spec.seed,
                       "built_from": f"the {split} rows of {dm.source.describe()}"},
-        "reconstruction": {**info, "t0": int(task.recon_cfg["t0"]), "k": int(task.recon_cfg["k"]),
-                           "r": int(task.recon_cfg["r"]), "sigma": float(task.recon_cfg["sigma"])},
+        "reconstruction": {**info, **task.reconstruction_summary()},
         "fitted": {"statistics_fitted_on": stats.fitted_on, "n_clean_images": stats.n_images,
+                   "n_threshold_images": stats.n_threshold_images, "thresholds_in_sample": stats.thresholds_in_sample,
                    "image_threshold": stats.image_threshold, "pixel_threshold": stats.pixel_threshold,
                    "in_sample": stats.fitted_on == split},
         "data": dm.summary(), "tables": {"benchmark": str(table)},
         "trust_thresholds": dict(ev.get("trust") or {}), **dict(extra or {})}
+    if ev.get("ratings"):
+        metrics["raters"] = rate_maps(ev["ratings"], rows, maps, int(ev.get("rating_grid", 4)),
+                                      int(ev.get("bootstrap", 1000)), int(spec.seed))
     write_json(out_dir / "metrics" / f"{split}.json", metrics)
     return EvalResult(split, task.task_name, task.metric_group, metrics, {"benchmark": table}, figures)
+
+
+def region_values(z: np.ndarray, mask: np.ndarray, grid: int) -> dict[str, float]:
+    """The map's mean in each rateable region of one image: ``artifact`` (its mask; absent for clean
+    images), ``background`` (the rest) and the cells ``r<i>c<j>`` of a ``grid`` × ``grid`` grid."""
+    out: dict[str, float] = {}
+    if mask.any():
+        out["artifact"] = float(z[mask].mean())
+    out["background"] = float(z[~mask].mean())
+    H, W = z.shape
+    for i in range(grid):
+        for j in range(grid):
+            out[f"r{i}c{j}"] = float(z[i * H // grid:(i + 1) * H // grid, j * W // grid:(j + 1) * W // grid].mean())
+    return out
+
+
+def rate_maps(path: str | Path, rows: list[dict[str, Any]], maps: np.ndarray, grid: int = 4, n_boot: int = 1000,
+              seed: int = 0) -> dict[str, Any]:
+    """Imported Likert ratings of heatmap relevance (``image_id,region,rater,score``) against this
+    benchmark's maps: agreement between raters (Krippendorff's α with CI, pairwise Wilcoxon) and
+    Spearman ρ of the mean rating of each rated region with the map's mean there, overall and per cohort.
+
+    Raises:
+        ValueError: the CSV's problems (naming the row), or no rated image among the benchmark's ids.
+    """
+    from medtrust.anomaly.raters import agreement, correlation_with_map, read_region_ratings
+
+    df = read_region_ratings(path)
+    index = {r["id"]: i for i, r in enumerate(rows)}
+    unknown = sorted(set(df["image_id"]) - set(index))
+    if len(unknown) == df["image_id"].nunique():
+        raise ValueError(f"{path}: none of its image ids is an image of this benchmark (e.g. {unknown[0]!r}; "
+                         f"expected ids such as {rows[-1]['id']!r}, listed in metrics/<split>_benchmark.csv)")
+    values: dict[tuple[str, str], float] = {}
+    for image_id in set(df["image_id"]) - set(unknown):
+        i = index[image_id]
+        for region, v in region_values(maps[i], rows[i]["mask"], grid).items():
+            values[(image_id, region)] = v
+    valid = {k[1] for k in values}
+    bad = sorted(set(df["region"]) - valid)
+    if bad:
+        raise ValueError(f"{path}: unknown region(s) {bad[:5]}; expected artifact, background or r<i>c<j> with "
+                         f"i, j < {grid} (evaluation.rating_grid)")
+    known = df[df["image_id"].isin(index)]
+    return {"file": str(path), "n_ratings": int(len(df)), "n_raters": int(df["rater"].nunique()),
+            "unknown_images": unknown, "grid": grid, **agreement(known, n_boot=min(n_boot, 500), seed=seed),
+            "correlation_with_map": correlation_with_map(known, values, {r["id"]: r["cohort"] for r in rows})}
+
+
+def _roc_figure(scores: np.ndarray, labels: np.ndarray, cohorts: np.ndarray, path: Path, split: str) -> Path:
+    """ROC curves of the image score, overall and per cohort against the same clean images (torchmetrics)."""
+    from torchmetrics.functional.classification import binary_roc
+
+    from medtrust.metrics.anomaly import _auroc
+    from medtrust.report.figures import plot_roc_curves
+
+    curves = {}
+    groups = [("overall", np.ones(len(labels), bool))] + [
+        (c, (labels == 0) | ((cohorts == c) & (labels == 1))) for c in sorted(set(cohorts[labels == 1].tolist()))]
+    for name, sel in groups:
+        fpr, tpr, _ = binary_roc(torch.tensor(np.array(scores[sel], dtype=np.float64)), torch.tensor(labels[sel]).long())
+        curves[name] = (fpr.numpy(), tpr.numpy(), _auroc(scores[sel], labels[sel]))
+    return plot_roc_curves(curves, path, f"{split}: image score, injected vs clean")
 
 
 def _figure(rows: list[dict[str, Any]], maps: np.ndarray, scores: np.ndarray, path: Path, n_show: int, split: str) -> Path:

@@ -23,19 +23,30 @@ def _auc(v: Mapping[str, Any]) -> str | None:
 
 
 def anomaly_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
-    per_split, det_rows = {}, []
+    per_split, det_rows, rater_rows = {}, [], []
     first = None
     for split, m in metrics.items():
         if "cohorts" not in m or "overall" not in m:
             continue
         first = first or m
         per_split[split] = [_row("overall", m["overall"]), *(_row(c, v) for c, v in m["cohorts"].items())]
+        r = m.get("raters")
+        if r:
+            k, c = r.get("krippendorff") or {}, (r.get("correlation_with_map") or {})
+            groups = {f"ρ {g}": (v.get("rho") if v.get("rho") is None else round(v["rho"], 3))
+                      for g, v in (c.get("groups") or {}).items()}
+            rater_rows.append({"split": split, "ratings": r.get("n_ratings"), "raters": r.get("n_raters"),
+                               "Krippendorff α [95 % CI]": None if k.get("alpha") is None else
+                               f"{k['alpha']:.3f} {fmt_ci(k.get('ci95'))}",
+                               "ρ rating vs map": (c.get("overall") or {}).get("rho"),
+                               "regions": (c.get("overall") or {}).get("n"), **groups})
         for name, d in (m.get("detectors") or {}).items():
             det_rows.append({"split": split, "score": name, **{g: _auc(v) for g, v in
                                                                [("overall", d["overall"]), *d["cohorts"].items()]}})
     if first is None:
         return []
     return [ReportSection("anomaly/anomaly.html.j2", {"per_split": per_split, "detector_rows": det_rows,
+                                                      "rater_rows": rater_rows,
                                                       "fitted": first.get("fitted") or {},
                                                       "reconstruction": first.get("reconstruction") or {},
                                                       "benchmark": first.get("benchmark") or {}})]

@@ -283,3 +283,17 @@ def plot_image_grid(groups: Mapping[str, Sequence[tuple[np.ndarray, str]]], path
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def plot_roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path,
+                    title: str = "ROC") -> Path:
+    """One ROC curve per group: ``name -> (fpr, tpr, auroc)``."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} ({auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    ax.set_xlabel("false-positive rate (clean images flagged)")
+    ax.set_ylabel("true-positive rate (injected images flagged)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)

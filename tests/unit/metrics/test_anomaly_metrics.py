@@ -58,3 +58,23 @@ def test_paired_wilcoxon_finds_a_consistent_difference():
     r = paired_wilcoxon(a, a - 0.1 + rng.normal(0, 0.01, 40))
     assert r["p"] < 1e-6 and r["median_diff"] == pytest.approx(0.1, abs=0.02) and r["n"] == 40
     assert paired_wilcoxon(a, a)["p"] == 1.0
+
+
+def test_placement_values_average_to_the_auroc_and_the_comparison_is_paired():
+    from medtrust.metrics.anomaly import _auroc, compare_detectors, placement_values
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(80, int), np.ones(60, int)]
+    good = y * 2.0 + rng.normal(size=140)
+    weak = y * 0.5 + rng.normal(size=140)
+    pv = placement_values(good, y)
+    assert pv.shape == (60,) and pv.mean() == pytest.approx(_auroc(good, y))
+    assert placement_values([1.0, 1.0], [0, 1])[0] == 0.5  # a tie counts half
+    c = compare_detectors(good, weak, y, n_boot=300)
+    lo, hi = c["diff_ci"]
+    assert c["diff"] == pytest.approx(c["auroc_a"] - c["auroc_b"]) and 0 < lo <= c["diff"] <= hi
+    assert c["wilcoxon"]["p"] < 0.01 and c["wilcoxon"]["median_diff"] > 0
+    same = compare_detectors(good, good + 1e-9 * rng.normal(size=140), y, n_boot=300)
+    assert same["diff_ci"][0] <= 0 <= same["diff_ci"][1] and same["wilcoxon"]["p"] > 0.05
+    with pytest.raises(ValueError, match="injected and clean"):
+        compare_detectors(good[:80], weak[:80], y[:80])
