@@ -106,6 +106,10 @@ def data_config_for(run_dir: str | Path, cfg: DictConfig) -> DictConfig:
     (no split fractions, no calibration split carved out).
     """
     run_cfg = load_run_config(run_dir)
+    # the network is the one that was trained: its data.* interpolations (channels, image size, classes) are
+    # resolved against the run's own data before this command's changes, so that data.channels=3 meets the
+    # task's input check ("trained on 1 channel") instead of a 3-channel network that cannot load the weights
+    run_cfg.model = OmegaConf.create(OmegaConf.to_container(run_cfg.model, resolve=True))
     keys = _override_keys()
     run_choice = load_run_choices(run_dir).get("data")
     chosen = HydraConfig.get().runtime.choices.get("data")

@@ -157,3 +157,34 @@ def test_imported_ratings_are_scored_for_agreement_and_against_the_map(anomaly_r
     proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", f"evaluation.ratings={bad}",
                       f"hydra.run.dir={tmp_path / 'ev2'}", check=False)
     assert proc.returncode != 0 and "unknown region(s) ['left lung']" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("data.image_size=[16,16]", "images of 1 channel(s) at (16, 16), the detector was trained on 1 channel(s) at (32, 32)"),
+    ("data.channels=3 data.normalize.mean=[0.5,0.5,0.5] data.normalize.std=[0.5,0.5,0.5]",
+     "image has 1 channels, expected 3"),  # the data layer refuses first; the network stays the trained one
+    ("data.channels=3", "data.normalize mean/std need 3 values"),
+])
+def test_images_of_another_size_or_channel_count_are_refused(anomaly_run, tmp_path, override, msg):
+    proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", *override.split(),
+                      f"hydra.run.dir={tmp_path / 'ev'}", check=False)
+    assert proc.returncode != 0 and msg in proc.stderr + proc.stdout
+
+
+def test_the_real_cxr_manifest_keeps_patients_in_one_split_and_refuses_the_repository(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, SHARED_DATA
+
+    if not (SHARED_DATA / "pediatric_pneumonia_cxr_kermany").is_dir():
+        pytest.skip("../shared/data is absent")
+    script = [sys.executable, str(ROOT / "experiments" / "safegen_manifest.py")]
+    subprocess.run([*script, "--out", str(tmp_path / "m")], check=True, capture_output=True, text=True)
+    df = pd.read_csv(tmp_path / "m" / "manifest.csv")
+    assert len(df) == 578 and set(df.split) == {"train", "val", "test"} and set(df.dataset) == {"kermany", "ieee8023"}
+    assert df.groupby("patient_id").split.nunique().max() == 1  # no patient in two splits
+    again = subprocess.run([*script, "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr  # never overwritten
+    inside = subprocess.run([*script, "--out", str(ROOT / "medtrust" / "m")], capture_output=True, text=True)
+    assert inside.returncode != 0 and "inside the repository" in inside.stderr

@@ -50,3 +50,15 @@ def test_bad_keys_are_named():
     assert task.recon_cfg["sigma"] == 0.0
     with pytest.raises(ValueError, match="same length"):
         conv_autoencoder(1, [8, 16], [2])
+
+
+def test_the_input_check_names_the_trained_channels_and_the_fitted_size():
+    from medtrust.anomaly.scoring import AnomalyStats
+
+    task = _task()
+    task.check_input(torch.zeros(1, 1, 24, 24), "x")  # no statistics yet: any size
+    task.stats = AnomalyStats.fit(torch.rand(30, 32, 32), min_images=20)
+    with pytest.raises(ValueError, match=r"images of 3 channel\(s\) at \(32, 32\), the detector was trained on 1"):
+        task.check_input(torch.zeros(1, 3, 32, 32), "benchmark images")
+    with pytest.raises(ValueError, match=r"fitted at \(32, 32\)"):
+        task.check_input(torch.zeros(1, 1, 16, 16), "benchmark images")
