@@ -588,8 +588,8 @@ def row_anomaly_steps(args) -> dict:
     import numpy as np
 
     from medtrust.anomaly.scoring import AnomalyStats
-    from medtrust.data.artifacts import ArtifactSpec, build_benchmark
-    from medtrust.evaluation.anomaly import _normalise, score_images
+    from medtrust.data.artifacts import ArtifactSpec
+    from medtrust.evaluation.anomaly import _normalise, score_images, split_benchmark
     from medtrust.metrics.anomaly import auroc_with_ci
     from medtrust.runs.builders import rebuild_task
     from medtrust.runs.rundir import find_checkpoint, load_run_config
@@ -605,9 +605,7 @@ def row_anomaly_steps(args) -> dict:
     ev = rcfg.get("evaluation") or {}
     spec = ArtifactSpec.from_config({**dict(ev.get("artifacts") or {}), "per_severity": args.anomaly_per_severity,
                                      "n_clean": args.anomaly_clean}, "evaluation.artifacts")
-    imgs, _, recs = dm.load_split("test")
-    rows = build_benchmark([t.float().div(255).permute(1, 2, 0).numpy() for t in imgs], spec,
-                           ids=[str(r["id"]) for r in recs])
+    rows = split_benchmark(dm, "test", spec)
     labels = np.array([r["label"] for r in rows])
     fit_imgs = dm.load_split(fit_split)[0][:args.anomaly_fit_images]
     fit_x = torch.stack([_normalise(t.float().div(255).permute(1, 2, 0).numpy(), dm.normalize) for t in fit_imgs])

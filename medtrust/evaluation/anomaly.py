@@ -38,6 +38,13 @@ def _normalise(img: np.ndarray, normalize: Mapping[str, Any] | None) -> torch.Te
     return (x - mean) / std
 
 
+def split_benchmark(dm: Any, split: str, spec: ArtifactSpec) -> list[dict[str, Any]]:
+    """The artifact benchmark built from the clean images of ``split`` (H×W×C in [0, 1]), ids from its records."""
+    imgs, _, recs = dm.load_split(split)
+    clean = [t.float().div(255).permute(1, 2, 0).numpy() for t in imgs]
+    return build_benchmark(clean, spec, ids=[str(r["id"]) for r in recs])
+
+
 def score_images(task: Any, images: list[np.ndarray], normalize: Mapping[str, Any] | None, stats: AnomalyStats,
                  batch_size: int = 32) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
     """Image scores (``residual``: top-k % of the z-residual; ``raw_residual``: the same image score of
@@ -66,9 +73,7 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
                      stats: AnomalyStats) -> EvalResult:
     ev = to_plain(evaluation) if evaluation is not None else {}
     spec = ArtifactSpec.from_config(ev.get("artifacts"), "evaluation.artifacts")
-    imgs, _, recs = dm.load_split(split)
-    clean = [t.float().div(255).permute(1, 2, 0).numpy() for t in imgs]
-    rows = build_benchmark(clean, spec, ids=[str(r["id"]) for r in recs])
+    rows = split_benchmark(dm, split, spec)
     log.info(f"artifact benchmark on {split}: {sum(r['label'] == 0 for r in rows)} clean + "
              f"{sum(r['label'] == 1 for r in rows)} injected images ({list(spec.cohorts)}, severities {list(spec.severities)})")
     detector_scores, maps, info = score_images(task, [r["image"] for r in rows], dm.normalize, stats,

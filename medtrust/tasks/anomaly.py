@@ -275,14 +275,12 @@ class AnomalyTask(TaskBase):
         """``n`` injected images of the artifact benchmark built from ``split`` (the evaluation's
         ``artifacts`` settings), taken in turn from each cohort, with their exact masks: explain.py's
         localisation metrics are then against the artifact masks."""
-        from medtrust.data.artifacts import ArtifactSpec, build_benchmark
-        from medtrust.evaluation.anomaly import _normalise
+        from medtrust.data.artifacts import ArtifactSpec
+        from medtrust.evaluation.anomaly import _normalise, split_benchmark
 
         ev = to_plain(evaluation) if evaluation is not None else {}
         spec = ArtifactSpec.from_config(ev.get("artifacts"), "evaluation.artifacts")
-        imgs, _, recs = datamodule.load_split(split)
-        clean = [t.float().div(255).permute(1, 2, 0).numpy() for t in imgs]
-        rows = [r for r in build_benchmark(clean, spec, ids=[str(r["id"]) for r in recs]) if r["label"] == 1]
+        rows = [r for r in split_benchmark(datamodule, split, spec) if r["label"] == 1]
         by: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by.setdefault(r["cohort"], []).append(r)
