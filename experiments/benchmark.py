@@ -593,6 +593,7 @@ def row_anomaly_steps(args) -> dict:
     from medtrust.metrics.anomaly import auroc_with_ci
     from medtrust.runs.builders import rebuild_task
     from medtrust.runs.rundir import find_checkpoint, load_run_config
+    from medtrust.tasks.anomaly import t0_levels
 
     if not args.anomaly_run:
         raise SystemExit("--rows anomaly_steps needs --anomaly-run <a finished experiment=safegen run folder>")
@@ -611,10 +612,10 @@ def row_anomaly_steps(args) -> dict:
     fit_x = torch.stack([_normalise(t.float().div(255).permute(1, 2, 0).numpy(), dm.normalize) for t in fit_imgs])
     sc = task.score_cfg
     out: dict = {"row": "anomaly_steps", "run": str(run), "images": len(rows), "injected": int(labels.sum()),
-                 "t0": int(task.recon_cfg["t0"]), "r": int(task.recon_cfg["r"]), "image_score": sc["image_score"],
+                 "t0": task.recon_cfg["t0"], "r": int(task.recon_cfg["r"]), "image_score": sc["image_score"],
                  "statistics_fitted_on": f"{fit_split} (first {len(fit_imgs)} images)",
                  "run_default_k": int(task.recon_cfg["k"])}
-    settings = [(f"ddim{k}", "ddim", k) for k in (1, 2, 5, 10, 25, 50) if k <= int(task.recon_cfg["t0"]) + 1]
+    settings = [(f"ddim{k}", "ddim", k) for k in (1, 2, 5, 10, 25, 50) if k <= min(t0_levels(task.recon_cfg["t0"])) + 1]
     settings += [("full_chain", "ancestral", None)]
     for name, mode, k in settings:
         task.recon_cfg.update({"mode": mode, **({"k": k} if k else {})})

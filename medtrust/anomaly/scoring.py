@@ -8,6 +8,11 @@ image score is the mean of the top-k % z-residuals (``top_k``), or the excess ma
 of an anomaly, so it orders severities where the top-k mean saturates). Thresholds come from clean real images: a
 percentile, or the smallest threshold that flags at most a given share of them; a threshold from fewer
 clean images than ``min_images`` is refused.
+
+Several noise levels (t₀ scales): residuals of shape N×S×H×W give statistics of shape S×H×W; each scale is
+z-scored against its own statistics and the z-maps are fused per pixel by their maximum (a pixel is as
+anomalous as at the scale where it is most unlike clean images). Small t₀ sees edges and fine texture, a
+large one also erases and so finds large homogeneous regions that a small t₀ reconstructs faithfully.
 """
 from __future__ import annotations
 
@@ -84,8 +89,8 @@ def threshold_at_flag_rate(scores: np.ndarray | torch.Tensor, max_flag_rate: flo
 class AnomalyStats:
     """Per-pixel residual statistics of clean real images, and the thresholds fitted on them."""
 
-    mean: torch.Tensor                    # H×W
-    std: torch.Tensor                     # H×W
+    mean: torch.Tensor                    # H×W, or S×H×W for S noise levels (scales)
+    std: torch.Tensor                     # H×W, or S×H×W
     n_images: int
     top_k_percent: float
     sigma: float = 0.0
@@ -102,8 +107,8 @@ class AnomalyStats:
     knn_mean: float | None = None          # ... and the leave-one-out k-NN distances of the references
     knn_std: float | None = None
     reconstruction: dict[str, Any] = field(default_factory=dict)  # the settings the residuals were made with
-    global_mean: float | None = None       # one mean and std over every pixel of the clean residuals: the
-    global_std: float | None = None        # "raw" baseline scores without the per-pixel statistics
+    global_mean: float | list[float] | None = None  # one mean and std over every pixel of the clean residuals (per
+    global_std: float | list[float] | None = None   # scale): the "raw" baseline scores without the per-pixel statistics
     n_threshold_images: int | None = None  # the clean images the thresholds were fitted on ...
     thresholds_in_sample: bool = True      # ... and whether they are the statistics' own images
     image_score: str = "top_k"             # top_k: mean of the top-k % z-residuals; excess: excess_mass above excess_z
@@ -114,7 +119,7 @@ class AnomalyStats:
             eps: float = 1e-3, max_flag_rate: float = 0.05, pixel_percentile: float = 99.0,
             fitted_on: str = "", image_score: str = "top_k", excess_z: float = 4.0,
             threshold_residuals: torch.Tensor | None = None) -> "AnomalyStats":
-        """Fit the per-pixel statistics on the residuals (N×H×W) of clean real images, and the thresholds
+        """Fit the per-pixel statistics on the residuals (N×H×W, or N×S×H×W for S scales) of clean real images, and the thresholds
         on ``threshold_residuals`` (other clean real images) when given: the image threshold flags at most
         ``max_flag_rate`` of them, the pixel threshold is their z-residuals' ``pixel_percentile``.
 
@@ -132,10 +137,17 @@ class AnomalyStats:
                                     "needed (evaluation.min_clean_images)")
         if image_score not in IMAGE_SCORES:
             raise ValueError(f"model.scoring.image_score={image_score!r}: expected one of {list(IMAGE_SCORES)}")
+        if residuals.ndim not in (3, 4):
+            raise ValueError(f"residuals of shape {tuple(residuals.shape)}: expected N×H×W or N×S×H×W (S scales)")
         res = residuals.double()
+        if res.ndim == 4:  # one global mean and std per scale
+            flat = res.transpose(0, 1).flatten(1)
+            gm, gs = flat.mean(1).tolist(), flat.std(1).tolist()
+        else:
+            gm, gs = float(res.mean()), float(res.std())
         stats = cls(mean=res.mean(0).float(), std=res.std(0).float(), n_images=n, top_k_percent=float(top_k_percent),
                     sigma=float(sigma), eps=float(eps), fitted_on=fitted_on, image_score=image_score,
-                    excess_z=float(excess_z), global_mean=float(res.mean()), global_std=float(res.std()))
+                    excess_z=float(excess_z), global_mean=gm, global_std=gs)
         held = residuals if threshold_residuals is None else threshold_residuals
         stats.n_threshold_images = int(held.shape[0])
         stats.thresholds_in_sample = threshold_residuals is None
@@ -176,25 +188,43 @@ class AnomalyStats:
         b = (knn_scores - self.knn_mean) / max(self.knn_std, 1e-12)
         return a + b
 
+    @property
+    def n_scales(self) -> int:
+        """Noise levels the statistics hold (1 for H×W statistics)."""
+        return int(self.mean.shape[0]) if self.mean.ndim == 3 else 1
+
+    def _check_shape(self, residuals: torch.Tensor) -> None:
+        want = tuple(self.mean.shape)
+        got = tuple(residuals.shape[1:])
+        if got != want:
+            what = f"{self.n_scales} scale(s) × {tuple(want[-2:])}" if self.mean.ndim == 3 else f"{want}"
+            raise ValueError(f"residual maps of shape {got}, the statistics are {what} (the size and noise levels "
+                             "the detector was fitted with)")
+
     def zscore(self, residuals: torch.Tensor) -> torch.Tensor:
-        if residuals.shape[-2:] != self.mean.shape:
-            raise ValueError(f"residual maps of size {tuple(residuals.shape[-2:])}, the statistics are "
-                             f"{tuple(self.mean.shape)} (the size the detector was fitted at)")
-        return (residuals - self.mean) / (self.std + self.eps)
+        """z-residual maps (N×H×W); with several scales, each scale against its own statistics, fused by
+        the per-pixel maximum."""
+        self._check_shape(residuals)
+        z = (residuals - self.mean) / (self.std + self.eps)
+        return z.amax(dim=1) if self.mean.ndim == 3 else z
 
     def raw_scores(self, residuals: torch.Tensor) -> torch.Tensor:
         """The same image score of residuals standardised by one global mean and std (no per-pixel
         statistics): the raw-residual baseline. With ``top_k`` it ranks images as the top-k % raw residual."""
         if self.global_mean is None or self.global_std is None:
             raise ValueError("no global residual statistics (a statistics file of an older version): refit")
+        self._check_shape(residuals)
+        if self.mean.ndim == 3:
+            gm = torch.tensor(self.global_mean, dtype=residuals.dtype).view(1, -1, 1, 1)
+            gs = torch.tensor(self.global_std, dtype=residuals.dtype).view(1, -1, 1, 1)
+            return self._score(((residuals - gm) / (gs + self.eps)).amax(dim=1))
         return self._score((residuals - self.global_mean) / (self.global_std + self.eps))
 
     def _score(self, z: torch.Tensor) -> torch.Tensor:
         return excess_mass(z, self.excess_z) if self.image_score == "excess" else top_k_mean(z, self.top_k_percent)
 
     def image_scores(self, residuals: torch.Tensor) -> torch.Tensor:
-        z = self.zscore(residuals)
-        return excess_mass(z, self.excess_z) if self.image_score == "excess" else top_k_mean(z, self.top_k_percent)
+        return self._score(self.zscore(residuals))
 
     # -- a named, saved component: tensors and plain values only (loaded with weights_only=True) --
     def state(self) -> dict[str, Any]:

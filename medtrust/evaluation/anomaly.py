@@ -122,7 +122,8 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
         "fitted": {"statistics_fitted_on": stats.fitted_on, "n_clean_images": stats.n_images,
                    "n_threshold_images": stats.n_threshold_images, "thresholds_in_sample": stats.thresholds_in_sample,
                    "image_threshold": stats.image_threshold, "pixel_threshold": stats.pixel_threshold,
-                   "in_sample": stats.fitted_on == split},
+                   "in_sample": stats.fitted_on == split, "image_score": stats.image_score,
+                   "excess_z": stats.excess_z, "top_k_percent": stats.top_k_percent, "noise_levels": stats.n_scales},
         "data": dm.summary(), "tables": {"benchmark": str(table)},
         "trust_thresholds": dict(ev.get("trust") or {}), **dict(extra or {})}
     if ev.get("ratings"):

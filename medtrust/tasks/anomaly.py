@@ -29,9 +29,33 @@ from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
 STATS_FILE = "anomaly_stats.pt"
-RECON_DEFAULTS = {"t0": 50, "k": 2, "r": 4, "mode": "ddim", "sigma": 1.0, "seed": 0}
+RECON_DEFAULTS = {"t0": 50, "k": 2, "r": 4, "mode": "ddim", "sigma": 1.0, "seed": 0,
+                  # mode phanes (a baseline): the coarse stage (self = this DDPM at t0, or an autoencoder run
+                  # folder), the share of pixels it flags, their dilation, and the inpainting chain
+                  "phanes_coarse": "self", "phanes_mask_percent": 5.0, "phanes_dilate": 2, "phanes_t": 250,
+                  "phanes_k": 10}
+RECON_MODES = ("ddim", "ancestral", "phanes")
+PHANES_KEYS = ("phanes_coarse", "phanes_mask_percent", "phanes_dilate", "phanes_t", "phanes_k")
 SCORE_DEFAULTS = {"image_score": "excess", "excess_z": 4.0, "top_k_percent": 1.0, "max_flag_rate": 0.05,
                   "pixel_percentile": 99.0, "min_clean_images": 20, "eps": 1e-3, "knn_k": 5, "threshold_fraction": 0.5}
+
+
+def _t0_list(t0: Any, T: int, key: str) -> int | list[int]:
+    """``t0`` as an int, or a sorted list of distinct ints (several noise levels, fused by the per-pixel
+    maximum of their z-maps), each in (0, T); a list of one is that int."""
+    is_seq = not isinstance(t0, (str, bytes)) and hasattr(t0, "__iter__")
+    try:
+        ints = sorted(int(v) for v in t0) if is_seq else [int(t0)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={t0!r}: expected an integer or a list of integers") from None
+    if not ints or any(not 0 < v < T for v in ints) or len(set(ints)) != len(ints):
+        raise ValueError(f"{key}={t0!r}: expected 0 < t0 < {T} (num_train_timesteps), distinct when a list")
+    return ints if len(ints) > 1 else ints[0]
+
+
+def t0_levels(t0: int | Sequence[int]) -> list[int]:
+    """The noise levels of a ``reconstruction.t0`` setting (ascending)."""
+    return sorted(int(v) for v in t0) if isinstance(t0, (list, tuple)) else [int(t0)]
 
 
 def _checked(given: Mapping[str, Any] | None, defaults: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -85,8 +109,9 @@ class AnomalyTask(TaskBase):
         self.t_range = (int(lo), int(hi))
         self.recon_cfg = _checked(reconstruction, RECON_DEFAULTS, "model.reconstruction")
         self.score_cfg = _checked(scoring, SCORE_DEFAULTS, "model.scoring")
-        if not 0 < int(self.recon_cfg["t0"]) < T:
-            raise ValueError(f"model.reconstruction.t0={self.recon_cfg['t0']}: expected 0 < t0 < {T}")
+        self.recon_cfg["t0"] = _t0_list(self.recon_cfg["t0"], T, "model.reconstruction.t0")
+        self._check_mode("model.reconstruction")
+        self._coarse: Any = None
         self.val_timesteps = [int(t) for t in val_timesteps]
         self.stats: AnomalyStats | None = None
         self.init_report = load_init_weights(self, init_from) if init_from else None
@@ -96,21 +121,23 @@ class AnomalyTask(TaskBase):
         """The one-step reconstruction residual ``x − x̂₀``: ``x`` noised to t₀ with a fixed seeded draw
         (so the same image gives the same output), denoised in one network evaluation. Differentiable,
         so its mean square — the ``anomaly_score`` XAI target — can be attributed to pixels."""
-        t0 = int(self.recon_cfg["t0"])
-        t = torch.full((x.shape[0],), t0, dtype=torch.long, device=x.device)
         noise = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(self.recon_cfg["seed"])))
         noise = noise.to(x).expand_as(x)
-        xt = self.noise_scheduler.add_noise(x, noise, t)
-        pred = self.net(xt, t).sample
-        a = self.noise_scheduler.alphas_cumprod.to(x)[t0]
         kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            x0 = (xt - (1 - a).sqrt() * pred) / a.sqrt()
-        elif kind == "v_prediction":
-            x0 = a.sqrt() * xt - (1 - a).sqrt() * pred
-        else:
-            x0 = pred
-        return x - x0
+        out = []
+        for t0 in t0_levels(self.recon_cfg["t0"]):  # several noise levels: their residuals side by side
+            t = torch.full((x.shape[0],), t0, dtype=torch.long, device=x.device)
+            xt = self.noise_scheduler.add_noise(x, noise, t)
+            pred = self.net(xt, t).sample
+            a = self.noise_scheduler.alphas_cumprod.to(x)[t0]
+            if kind == "epsilon":
+                x0 = (xt - (1 - a).sqrt() * pred) / a.sqrt()
+            elif kind == "v_prediction":
+                x0 = a.sqrt() * xt - (1 - a).sqrt() * pred
+            else:
+                x0 = pred
+            out.append(x - x0)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def _loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         noisy = self.noise_scheduler.add_noise(x, noise, t)
@@ -135,26 +162,97 @@ class AnomalyTask(TaskBase):
         self.log("val/loss", loss, on_epoch=True, batch_size=len(x), prog_bar=True)
         self.log("val/anomaly/loss", loss, on_epoch=True, batch_size=len(x))
 
+    def _check_mode(self, key: str) -> None:
+        c = self.recon_cfg
+        if str(c["mode"]) not in RECON_MODES:
+            raise ValueError(f"{key}.mode={c['mode']!r}: expected one of {list(RECON_MODES)}")
+        if str(c["mode"]) == "phanes":
+            T = int(self.noise_scheduler.config.num_train_timesteps)
+            if not 0 < int(c["phanes_t"]) < T:
+                raise ValueError(f"{key}.phanes_t={c['phanes_t']}: expected 0 < t < {T}")
+            if not 0 < float(c["phanes_mask_percent"]) < 100:
+                raise ValueError(f"{key}.phanes_mask_percent={c['phanes_mask_percent']}: expected 0 < percent < 100")
+
+    def _coarse_task(self) -> Any:
+        """PHANES's coarse stage when it is an autoencoder run (loaded once, through the run-folder checks)."""
+        if self._coarse is None:
+            from medtrust.runs.builders import rebuild_task
+            from medtrust.runs.rundir import find_checkpoint, load_run_config
+
+            run = str(self.recon_cfg["phanes_coarse"])
+            try:
+                cfg = load_run_config(run)
+            except Exception as err:  # missing folder, no config, a target outside the policy
+                raise ValueError(f"reconstruction.phanes_coarse={run}: {err} (expected self or an experiment=safegen_ae "
+                                 "run folder)") from err
+            if "AutoencoderAnomalyTask" not in str(cfg.model._target_):
+                raise ValueError(f"reconstruction.phanes_coarse={run}: expected an autoencoder anomaly run "
+                                 f"(experiment=safegen_ae), found {cfg.model._target_}")
+            self._coarse = rebuild_task(cfg, find_checkpoint(run, "best")).eval()
+        return self._coarse
+
+    @torch.no_grad()
+    def _phanes(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """PHANES-style pseudo-healthy image (:mod:`medtrust.anomaly.phanes`) and what it cost."""
+        from medtrust.anomaly.phanes import coarse_mask, inpaint
+
+        c = self.recon_cfg
+        sigma = float(c["sigma"])
+        if str(c["phanes_coarse"]) == "self":
+            coarse, info = self.reconstruct(x, "ddim")
+            init, n_coarse = None, info["evaluations_per_image"]
+        else:
+            ae = self._coarse_task()
+            ae.check_input(x, "PHANES coarse stage")
+            coarse, _ = ae.reconstruct(x)
+            init, n_coarse = coarse, 1
+        mask = coarse_mask(residual(x, coarse, sigma), float(c["phanes_mask_percent"]), int(c["phanes_dilate"]))
+        ph, info = inpaint(self.net, self.noise_scheduler, x, mask, int(c["phanes_t"]), int(c["phanes_k"]),
+                           int(c["r"]), int(c["seed"]), init)
+        return ph, {**info, "evaluations_per_image": info["evaluations_per_image"] + n_coarse, "mode": "phanes",
+                    "flagged_share": float(mask.mean())}
+
     # -- scoring -----------------------------------------------------------------------------------
     @torch.no_grad()
     def residuals(self, x: torch.Tensor, mode: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Residual maps (B×H×W, smoothed as configured) of images ``x`` in the model's range."""
+        """Residual maps (B×H×W, smoothed as configured) of images ``x`` in the model's range; B×S×H×W
+        when ``reconstruction.t0`` lists S noise levels."""
         self.eval()
-        rec, info = self.reconstruct(x, mode)
-        return residual(x, rec, float(self.recon_cfg["sigma"])), {**info, "reconstruction": rec}
+        sigma = float(self.recon_cfg["sigma"])
+        levels = t0_levels(self.recon_cfg["t0"]) if "t0" in self.recon_cfg else [None]  # the autoencoder has none
+        if str(mode or self.recon_cfg.get("mode")) == "phanes":
+            ph, info = self._phanes(x)
+            return residual(x, ph, sigma), {**info, "reconstruction": ph}
+        if len(levels) == 1:
+            rec, info = self.reconstruct(x, mode)
+            return residual(x, rec, sigma), {**info, "reconstruction": rec}
+        res, recs, infos = [], [], []
+        for t0 in levels:
+            rec, info = self.reconstruct(x, mode, t0=t0)
+            res.append(residual(x, rec, sigma))
+            recs.append(rec)
+            infos.append(info)
+        info = {"t_start": [i["t_start"] for i in infos], "timesteps": [i["timesteps"] for i in infos],
+                "evaluations_per_image": sum(i["evaluations_per_image"] for i in infos), "mode": infos[0]["mode"]}
+        return torch.stack(res, dim=1), {**info, "reconstruction": recs[-1]}
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mode: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The reconstruction of ``x`` the residual is taken against, and what it cost."""
+    def reconstruct(self, x: torch.Tensor, mode: str | None = None, t0: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The reconstruction of ``x`` the residual is taken against (at ``t0``, by default the first
+        configured level), and what it cost."""
         c = self.recon_cfg
-        return reconstruct(self.net, self.noise_scheduler, x, int(c["t0"]), int(c["k"]), int(c["r"]),
+        t0 = int(t0) if t0 is not None else t0_levels(c["t0"])[0]
+        return reconstruct(self.net, self.noise_scheduler, x, t0, int(c["k"]), int(c["r"]),
                            int(c["seed"]), mode or str(c["mode"]))
 
     def reconstruction_summary(self) -> dict[str, Any]:
         """The reconstruction settings written next to every evaluation."""
         c = self.recon_cfg
-        return {"detector": "ddpm", "t0": int(c["t0"]), "k": int(c["k"]), "r": int(c["r"]), "sigma": float(c["sigma"]),
-                "mode": str(c["mode"])}
+        out = {"detector": "ddpm", "t0": c["t0"] if isinstance(c["t0"], list) else int(c["t0"]), "k": int(c["k"]),
+               "r": int(c["r"]), "sigma": float(c["sigma"]), "mode": str(c["mode"])}
+        if out["mode"] == "phanes":  # (only then: statistics of the other modes stay valid)
+            out.update({k: c[k] for k in PHANES_KEYS})
+        return out
 
     def check_input(self, x: torch.Tensor, where: str) -> None:
         size = int(self.net.config.sample_size) if isinstance(self.net.config.sample_size, int) else None
@@ -175,19 +273,36 @@ class AnomalyTask(TaskBase):
 
     # -- the contract ------------------------------------------------------------------------------
     def use_evaluation_reconstruction(self, evaluation: Any) -> None:
-        """Apply ``evaluation.reconstruction`` (e.g. ``mode: ancestral`` on a subset, or another K) on top
-        of the run's reconstruction settings.
+        """Apply ``evaluation.reconstruction`` (e.g. ``mode: ancestral`` on a subset, another K, or several
+        t0) and ``evaluation.scoring`` (e.g. another image score) on top of the run's settings. Either needs
+        statistics fitted for them (``refit=true``): :meth:`evaluate_split` checks.
 
         Raises:
             ValueError: an unknown key, naming it.
         """
         ev = to_plain(evaluation) if evaluation is not None else {}
+        sc = {k: v for k, v in dict(ev.get("scoring") or {}).items() if v is not None}
+        if sc:
+            self.score_cfg = _checked({**{k: v for k, v in self.score_cfg.items() if k in SCORE_DEFAULTS}, **sc},
+                                      SCORE_DEFAULTS, "evaluation.scoring")
         over = {k: v for k, v in dict(ev.get("reconstruction") or {}).items() if v is not None}
         if over:
             unknown = sorted(set(over) - set(self.recon_defaults))
             if unknown:
                 raise ValueError(f"evaluation.reconstruction: unknown key(s) {unknown}; expected {sorted(self.recon_defaults)}")
-            self.recon_cfg = {**self.recon_cfg, **over}
+            before = self.recon_cfg
+            self.recon_cfg = {**before, **over}
+            try:  # checked before it is kept: a refused setting leaves the run's own
+                if "t0" in over:
+                    T = int(self.noise_scheduler.config.num_train_timesteps)
+                    self.recon_cfg["t0"] = _t0_list(over["t0"], T, "evaluation.reconstruction.t0")
+                if hasattr(self, "noise_scheduler"):
+                    self._check_mode("evaluation.reconstruction")
+            except ValueError:
+                self.recon_cfg = before
+                raise
+            if any(k in over for k in PHANES_KEYS):
+                self._coarse = None
 
     def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any]:
         """Residual statistics and thresholds of clean real images of the calibration split (val when
@@ -246,6 +361,14 @@ class AnomalyTask(TaskBase):
             raise ValueError(f"the residual statistics (anomaly_stats.pt) were fitted with reconstruction "
                              f"{stats.reconstruction}; this evaluation reconstructs with {self.reconstruction_summary()}: "
                              "pass refit=true to fit them again with these settings (into the evaluation folder)")
+        s = self.score_cfg
+        want = {"image_score": str(s["image_score"]), "excess_z": float(s["excess_z"]),
+                "top_k_percent": float(s["top_k_percent"])}
+        have = {"image_score": stats.image_score, "excess_z": float(stats.excess_z),
+                "top_k_percent": float(stats.top_k_percent)}
+        if want != have:
+            raise ValueError(f"the residual statistics (anomaly_stats.pt) were fitted for scoring {have}; this evaluation "
+                             f"scores with {want}: pass refit=true to fit them (and their thresholds) again")
         return evaluate_anomaly(self, datamodule, split, Path(out_dir), evaluation, extra, stats)
 
     @classmethod
@@ -316,7 +439,8 @@ class AnomalyTask(TaskBase):
 
     def embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """Mid-block embeddings at t0 (the contrastive score's features)."""
-        return mid_embedding(self.net, self.noise_scheduler, x, int(self.recon_cfg["t0"]), int(self.recon_cfg["seed"]))
+        return mid_embedding(self.net, self.noise_scheduler, x, t0_levels(self.recon_cfg["t0"])[0],
+                             int(self.recon_cfg["seed"]))
 
 
 AE_RECON_DEFAULTS = {"sigma": 1.0}

@@ -96,11 +96,17 @@ def test_another_reconstruction_at_evaluation_needs_the_statistics_fitted_again(
     proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.reconstruction.k=2",
                       f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert proc.returncode != 0 and "pass refit=true" in proc.stderr + proc.stdout
+    proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.scoring.image_score=top_k",
+                      f"hydra.run.dir={tmp_path / 'c'}", check=False)
+    assert proc.returncode != 0 and "fitted for scoring" in proc.stderr + proc.stdout
     run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.reconstruction.k=2", "refit=true",
+               "evaluation.reconstruction.t0=[20,50]", "evaluation.scoring.image_score=top_k",
                "evaluation.artifacts.n_clean=10", "evaluation.artifacts.cohorts=[extreme]",
                f"hydra.run.dir={tmp_path / 'b'}")
     m = json.loads((tmp_path / "b" / "metrics" / "test.json").read_text())
-    assert m["reconstruction"]["k"] == 2 and m["reconstruction"]["evaluations_per_image"] == 2
+    assert m["reconstruction"]["k"] == 2 and m["reconstruction"]["t0"] == [20, 50]
+    assert m["reconstruction"]["evaluations_per_image"] == 4  # two noise levels, K = 2, R = 1
+    assert m["fitted"]["image_score"] == "top_k" and m["fitted"]["noise_levels"] == 2
     assert m["benchmark"]["n_clean"] == 10 and set(m["cohorts"]) == {"extreme"}
     assert (tmp_path / "b" / "anomaly_stats.pt").is_file()  # fitted again into the evaluation folder, the run untouched
 

@@ -68,7 +68,7 @@ def test_stats_round_trip_and_are_never_overwritten(tmp_path):
     (tmp_path / "bad.pt").write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="bad.pt: not a readable anomaly_stats.pt"):
         AnomalyStats.load(tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="residual maps of size"):
+    with pytest.raises(ValueError, match="residual maps of shape"):
         back.zscore(torch.zeros(1, 8, 8))
 
 
@@ -156,3 +156,28 @@ def test_thresholds_from_held_out_clean_images_carry_over_where_in_sample_ones_d
     assert rate_in > 0.15 and rate_out < 0.08
     with pytest.raises(TooFewImagesError):
         AnomalyStats.fit(fit, threshold_residuals=held[:5], **kw)
+
+
+def test_several_scales_are_z_scored_each_against_their_own_statistics_and_fused_by_the_maximum(tmp_path):
+    """Two noise levels: an artifact that only the second scale's residual shows (a large blob the
+    small t0 reconstructs) is found by the fused map, and the fused map is the per-pixel maximum."""
+    small, large = _clean(300, seed=1), _clean(300, seed=2) * 3   # the large t0 leaves larger residuals
+    fit = torch.stack([small, large], dim=1)                       # N×S×H×W
+    stats = AnomalyStats.fit(fit, min_images=50, image_score="excess", excess_z=3.0)
+    assert stats.n_scales == 2 and tuple(stats.mean.shape) == (2, 16, 16) and len(stats.global_mean) == 2
+    new = torch.stack([_clean(40, seed=3), _clean(40, seed=4) * 3], dim=1)
+    blob = new.clone()
+    blob[:20, 1, 4:12, 4:12] += 1.0                                # seen at the large scale only
+    z = stats.zscore(blob)
+    single = [AnomalyStats.fit(fit[:, s], min_images=50) for s in range(2)]
+    assert z.shape == (40, 16, 16)
+    assert torch.allclose(z, torch.maximum(single[0].zscore(blob[:, 0]), single[1].zscore(blob[:, 1])), atol=1e-5)
+    s = stats.image_scores(blob)
+    assert float(s[:20].min()) > float(s[20:].max())               # the blob images, every one above the clean
+    assert stats.raw_scores(blob).shape == (40,)
+    back = AnomalyStats.load(stats.save(tmp_path / "multi.pt"))
+    assert torch.equal(back.image_scores(blob), s) and back.global_mean == stats.global_mean
+    with pytest.raises(ValueError, match="2 scale"):
+        stats.zscore(blob[:, :1])                                   # one scale where two were fitted
+    with pytest.raises(ValueError, match="N×S×H×W"):
+        AnomalyStats.fit(torch.zeros(60, 1, 2, 16, 16), min_images=50)
