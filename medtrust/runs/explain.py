@@ -26,7 +26,8 @@ from medtrust.utils.logging import get_logger
 from medtrust.utils.names import safe_filename
 from medtrust.xai.methods import ExplainInputs, ExplanationMethod, GradCAM, run_methods
 from medtrust.xai.perturb import perturbed_maps, stability_table
-from medtrust.xai.pipeline import build_methods, gather, localisation_table, save_explanation_grid, summarise
+from medtrust.xai.pipeline import (build_methods, gather, localisation_table, reference_images, save_explanation_grid,
+                                   summarise)
 from medtrust.xai.sanity import compare_to_randomised, randomised_copy
 from medtrust.xai.targets import Target, as_probability
 
@@ -59,8 +60,10 @@ def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg:
     for m in methods.values():
         m.check(task)
     n = min(int(n_images), len(dm.dataset(split)))
+    ref_cfg = xcfg.get("reference")
+    reference, ref_info = reference_images(dm, OmegaConf.to_container(ref_cfg) if ref_cfg is not None else None)
     x, masks, labels, ids = gather(task, dm, split, list(range(n)), OmegaConf.to_container(xcfg.target), seed,
-                                   evaluation)
+                                   evaluation, reference)
     n = len(ids)
     seconds: dict[str, float] = {}
     by_method = {}
@@ -89,7 +92,7 @@ def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg:
                                           titles=[p.replace("net.model.", "") for p in lm])
 
     result: dict[str, Any] = {"split": split, "n_images": n, "target": OmegaConf.to_container(xcfg.target),
-                              "maps": list(maps), "topk": k}
+                              "maps": list(maps), "topk": k, **({"reference": ref_info} if ref_info else {})}
     result["localisation"] = _summary_table(localisation_table(maps, masks, k))
 
     # stability under perturbation, per method

@@ -28,7 +28,8 @@ from medtrust.xai.targets import Target, as_probability
 class ExplainInputs:
     """What a method needs. ``images``: B×C×H×W as the model sees them (normalised); ``target``:
     the fixed scalar target; ``black``: C×1×1 value of a black pixel after normalisation (IG's
-    black baseline); ``raw``: B images H×W×C in [0, 1] (SLIC)."""
+    black baseline); ``raw``: B images H×W×C in [0, 1] (SLIC); ``reference``: N×C×H×W real images,
+    normalised (GradientShap's ``reference`` baseline distribution; ``xai.reference``)."""
 
     task: nn.Module
     images: torch.Tensor
@@ -36,6 +37,7 @@ class ExplainInputs:
     black: torch.Tensor | None = None
     raw: Sequence[np.ndarray] | None = None
     seed: int = 0
+    reference: torch.Tensor | None = None
 
     def on(self, task: nn.Module) -> ExplainInputs:
         """The same inputs explained on another model (the sanity check's randomised copy)."""
@@ -110,13 +112,17 @@ class IntegratedGradients(ExplanationMethod):
 
 class GradientShap(ExplanationMethod):
     """GradientShap (captum; Lundberg & Lee, 2017): expected gradients over a baseline distribution
-    (the listed baselines) with ``n_samples`` noisy draws per image, summed over channels."""
+    (the listed baselines) with ``n_samples`` noisy draws per image, summed over channels.
+
+    ``reference`` as a baseline is SHAP's background set: real images (``xai.reference``: split, count,
+    label), from which captum draws one baseline per sample. The cost is ``n_samples`` forward and
+    backward passes per image whatever the reference's size (only its memory grows with it)."""
 
     name = "gradient_shap"
 
     def __init__(self, baselines: Sequence[str] = ("black", "blur"), n_samples: int = 16, stdevs: float = 0.1,
                  output: str = "logit") -> None:
-        _check_baselines("gradient_shap", baselines)
+        _check_baselines("gradient_shap", [b for b in baselines if b != "reference"] or ["black"])
         if n_samples < 1:
             raise ValueError(f"xai gradient_shap n_samples must be >= 1, got {n_samples}")
         self.baselines, self.n_samples, self.stdevs = list(baselines), int(n_samples), float(stdevs)
@@ -129,12 +135,21 @@ class GradientShap(ExplanationMethod):
             torch.manual_seed(x.seed)
             for i in range(x.images.shape[0]):  # a baseline distribution per image
                 img = x.images[i:i + 1]
-                base = torch.cat([make_baseline(img, b, x.black, x.seed) for b in self.baselines])
+                base = torch.cat([self._reference(x) if b == "reference" else make_baseline(img, b, x.black, x.seed)
+                                  for b in self.baselines])
                 args = None if fwd.fixed is None else (fwd.fixed[i:i + 1],)
                 attr = _GradientShap(fwd).attribute(img, baselines=base, n_samples=self.n_samples, stdevs=self.stdevs,
                                                    additional_forward_args=args)
                 maps.append(attr.sum(1).detach())
         return {self.name: torch.cat(maps)}
+
+
+    @staticmethod
+    def _reference(x: ExplainInputs) -> torch.Tensor:
+        if x.reference is None or not len(x.reference):
+            raise ValueError("xai gradient_shap baselines [reference] need real reference images: set xai.reference "
+                             "(e.g. {split: train, n: 1000, label: null})")
+        return x.reference.to(x.images)
 
 
 class Occlusion(ExplanationMethod):

@@ -41,10 +41,47 @@ def black_value(dm: Any) -> torch.Tensor | None:
     return (-torch.tensor(norm["mean"]) / torch.tensor(norm["std"])).view(-1, 1, 1)
 
 
+REFERENCE_KEYS = ("split", "n", "label", "seed")
+
+
+def reference_images(dm: Any, cfg: Mapping[str, Any] | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """SHAP's background set: up to ``n`` images of ``split`` (``label``: only that class, e.g. the real
+    images of a real-vs-synthetic set; null: every image), a seeded subset when there are more, normalised
+    as the model sees them. ``cfg`` None: none.
+
+    Raises:
+        ValueError: an unknown key, or no image left (naming the split and label).
+    """
+    if not cfg:
+        return None, {}
+    cfg = dict(cfg)
+    unknown = sorted(set(cfg) - set(REFERENCE_KEYS))
+    if unknown:
+        raise ValueError(f"xai.reference: unknown key(s) {unknown}; expected {list(REFERENCE_KEYS)}")
+    split, n, label = str(cfg.get("split", "train")), int(cfg.get("n", 1000)), cfg.get("label")
+    if n < 1:
+        raise ValueError(f"xai.reference.n={n}: expected >= 1")
+    imgs, _, recs = dm.load_split(split)
+    keep = [i for i, r in enumerate(recs) if label is None or (r.get("label") is not None and int(r["label"]) == int(label))]
+    if not keep:
+        raise ValueError(f"xai.reference: no image of split {split!r}" + (f" with label {label}" if label is not None else ""))
+    if len(keep) > n:
+        keep = sorted(np.random.default_rng(int(cfg.get("seed", 0))).choice(keep, size=n, replace=False).tolist())
+    x = torch.stack([imgs[i].float().div(255) for i in keep])
+    norm = getattr(dm, "normalize", None)
+    if norm:
+        x = (x - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(norm["std"]).view(1, -1, 1, 1)
+    return x, {"split": split, "label": label, "n": len(keep), "n_requested": n,
+               "n_available": len([i for i, r in enumerate(recs) if label is None or (r.get("label") is not None
+                                                                                    and int(r["label"]) == int(label))])}
+
+
 def gather(task: torch.nn.Module, dm: Any, split: str, indices: Sequence[int], target_spec: Mapping[str, Any],
-           seed: int = 0, evaluation: Any = None) -> tuple[ExplainInputs, torch.Tensor | None, torch.Tensor | None, list[str]]:
+           seed: int = 0, evaluation: Any = None,
+           reference: torch.Tensor | None = None) -> tuple[ExplainInputs, torch.Tensor | None, torch.Tensor | None, list[str]]:
     """Images ``indices`` of ``split`` (un-augmented) with the target fixed on them, or as many of the
-    task's own explanation images (:meth:`Task.explain_images`, e.g. injected artifacts).
+    task's own explanation images (:meth:`Task.explain_images`, e.g. injected artifacts); ``reference``:
+    SHAP's background images (:func:`reference_images`).
 
     Returns:
         (inputs, masks B×1×H×W or None, labels B or None, image ids).
@@ -55,7 +92,7 @@ def gather(task: torch.nn.Module, dm: Any, split: str, indices: Sequence[int], t
         images = own["images"].to(device)
         fixed = fix_target(task, images, target_spec, own.get("masks"), own.get("labels"))
         x = ExplainInputs(task, images, make_target(task, str(target_spec["kind"]), fixed), black_value(dm),
-                          list(own["raw"]), seed)
+                          list(own["raw"]), seed, reference)
         return x, own.get("masks"), own.get("labels"), list(own["ids"])
     ds = dm.dataset(split)
     batch = default_collate([ds[i] for i in indices])
@@ -65,7 +102,7 @@ def gather(task: torch.nn.Module, dm: Any, split: str, indices: Sequence[int], t
     recs = dm.load_split(split)[2]
     fixed = fix_target(task, images, target_spec, masks, labels)  # checks the kind against the task's
     x = ExplainInputs(task, images, make_target(task, str(target_spec["kind"]), fixed), black_value(dm),
-                      [dm.raw_image(split, i) for i in indices], seed)
+                      [dm.raw_image(split, i) for i in indices], seed, reference)
     return x, masks, labels, [recs[i]["id"] for i in indices]
 
 

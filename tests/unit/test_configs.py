@@ -102,10 +102,10 @@ def test_every_experiment_composes(experiment, tmp_path):
         for stage in ("base_vae", "base"):
             assert any(o.startswith("experiment=") for o in loop.overrides[stage])
         return
-    task = "ClassificationTask" if experiment.startswith(("tmv_", "minim_selector")) else "SegmentationTask"
+    task = "ClassificationTask" if experiment.startswith(("tmv_", "minim_selector", "safegen_detector")) else "SegmentationTask"
     if experiment.startswith("minim") and task != "ClassificationTask":
         task = "AutoencoderTask" if experiment.endswith("_vae") else "GenerationTask"
-    if experiment.startswith("safegen"):
+    if experiment.startswith("safegen") and task != "ClassificationTask":
         task = "AnomalyTask"
     assert c.model._target_.endswith(task)
     instantiate(c.model.unet if task == "GenerationTask" else c.model.net, _convert_="all")  # sizes checked here

@@ -164,3 +164,19 @@ def test_ig_grouped_by_internal_batch_size_equals_one_pass(cls):
     one = M.IntegratedGradients(["mean"], n_steps=4, internal_batch_size=None)(x)["ig_mean"]
     grouped = M.IntegratedGradients(["mean"], n_steps=4, internal_batch_size=1)(x)["ig_mean"]
     torch.testing.assert_close(one, grouped, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_shap_against_a_reference_set_of_real_images(cls):
+    """With one black reference image SHAP equals the black baseline; the reference is required."""
+    x = torch.rand(2, 1, 32, 32)
+    base = inputs(cls, x, CLS_SPEC, raw=False)
+    black = M.GradientShap(["black"], n_samples=4, stdevs=0.0)(base)["gradient_shap"]
+    ref = M.ExplainInputs(base.task, base.images, base.target, None, None, 0, reference=torch.zeros(1, 1, 32, 32))
+    refmap = M.GradientShap(["reference"], n_samples=4, stdevs=0.0)(ref)["gradient_shap"]
+    assert torch.allclose(black, refmap, atol=1e-6)
+    many = M.ExplainInputs(base.task, base.images, base.target, None, None, 0, reference=torch.rand(50, 1, 32, 32))
+    assert M.GradientShap(["reference"], n_samples=4)(many)["gradient_shap"].shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="need real reference images: set xai.reference"):
+        M.GradientShap(["reference"], n_samples=2)(base)
+    with pytest.raises(ValueError, match="baselines must be"):
+        M.GradientShap(["reference", "gray"])
