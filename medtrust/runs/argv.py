@@ -29,8 +29,9 @@ def _search_dirs(argv: list[str]) -> list[Path]:
 def prepare_argv(argv: list[str], multi: bool = True, choose_xai: bool = False,
                  groups: tuple[str, ...] = ("data", "evaluation")) -> list[str]:
     """Check ``run_dir``/``run_dirs`` before Hydra creates any folder, and select the run's own
-    choices of ``groups`` (and, for explain.py, the ``xai`` suite named after the run's task, looked
-    up in ``conf/xai/`` and the command's ``hydra.searchpath``) unless the command line chooses them.
+    choices of ``groups`` (and, for explain.py, the run's own ``xai`` suite, or when it chose none the one
+    named after its task, looked up in ``conf/xai/`` and the command's ``hydra.searchpath``) unless the
+    command line chooses them.
 
     Raises:
         RunDirError: a run folder is missing or is not a medtrust run.
@@ -53,7 +54,10 @@ def prepare_argv(argv: list[str], multi: bool = True, choose_xai: bool = False,
         if choices.get(group) and not any(re.match(rf"^{group}=", a) for a in argv[1:]):
             argv = [*argv, f"{group}={choices[group]}"]
     if choose_xai and not any(re.match(r"^xai=", a) for a in argv[1:]):
-        name = load_run_config(runs[0], check=False).get("task_name")  # a plain value: nothing is instantiated
+        # the run's own suite when it chose one (e.g. experiment=safegen_detector: xai=artifact_classifier),
+        # else the one named after its task
+        own = choices.get("xai")
+        name = own if own and own != "none" else load_run_config(runs[0], check=False).get("task_name")
         folders = [PROJECT_ROOT / "conf", *_search_dirs(argv)]
         if name and any((f / "xai" / f"{name}.yaml").is_file() for f in folders):
             argv = [*argv, f"xai={name}"]

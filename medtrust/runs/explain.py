@@ -59,10 +59,17 @@ def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg:
     methods = build_methods(xcfg.methods)
     for m in methods.values():
         m.check(task)
-    n = min(int(n_images), len(dm.dataset(split)))
+    indices = list(range(len(dm.dataset(split))))
+    want = xcfg.get("select_label")
+    if want is not None:  # e.g. only the injected images of a real-vs-synthetic set: the ones with an artifact mask
+        recs = dm.load_split(split)[2]
+        indices = [i for i in indices if recs[i].get("label") is not None and int(recs[i]["label"]) == int(want)]
+        if not indices:
+            raise ValueError(f"xai.select_label={want}: no image of split {split!r} has that label")
+    indices = indices[:int(n_images)]
     ref_cfg = xcfg.get("reference")
     reference, ref_info = reference_images(dm, OmegaConf.to_container(ref_cfg) if ref_cfg is not None else None)
-    x, masks, labels, ids = gather(task, dm, split, list(range(n)), OmegaConf.to_container(xcfg.target), seed,
+    x, masks, labels, ids = gather(task, dm, split, indices, OmegaConf.to_container(xcfg.target), seed,
                                    evaluation, reference)
     n = len(ids)
     seconds: dict[str, float] = {}
