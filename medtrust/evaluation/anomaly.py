@@ -126,6 +126,9 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
                    "excess_z": stats.excess_z, "top_k_percent": stats.top_k_percent, "noise_levels": stats.n_scales},
         "data": dm.summary(), "tables": {"benchmark": str(table)},
         "trust_thresholds": dict(ev.get("trust") or {}), **dict(extra or {})}
+    if ev.get("generated"):
+        metrics["generated"] = score_generated(task, dm, stats, ev["generated"], scores[labels == 0], out_dir, split,
+                                               int(ev.get("bootstrap", 1000)), int(spec.seed))
     if ev.get("ratings"):
         metrics["raters"] = rate_maps(ev["ratings"], rows, maps, int(ev.get("rating_grid", 4)),
                                       int(ev.get("bootstrap", 1000)), int(spec.seed))
@@ -214,3 +217,75 @@ def _figure(rows: list[dict[str, Any]], maps: np.ndarray, scores: np.ndarray, pa
             items.append((np.clip(z / max(float(np.percentile(maps, 99.5)), 1e-6), 0, 1), f"z map, score {scores[i]:.2f}"))
         groups[cohort] = items
     return plot_image_grid(groups, path, f"{split}: artifact benchmark (image, z-residual map)")
+
+
+GENERATED_KEYS = ("folder", "modality", "max_images", "resize")
+
+
+def score_generated(task: Any, dm: Any, stats: AnomalyStats, cfg: Any, clean_scores: np.ndarray, out_dir: Path,
+                    split: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The generator's samples as a fifth cohort without masks: every image of a ``generate.py`` folder
+    scored like the benchmark, the share flagged at the run's image threshold (Wilson CI), its excess over
+    the split's clean real images (bootstrap CI), and the AUROC of generated against clean real images.
+    Writes ``metrics/<split>_generated.csv``.
+
+    ``cfg``: a folder, or ``{folder, modality (keep one), max_images, resize (false: refuse another size)}``.
+
+    Raises:
+        ValueError: an unknown key, no image left, or an image of another size than the detector's
+            without ``resize`` (naming the file).
+    """
+    from medtrust.data.records import read_image, resize_image
+    from medtrust.data.sources.generated import read_generated
+    from medtrust.metrics.selection import wilson
+    from medtrust.metrics.stats import bootstrap_interval
+
+    cfg = {"folder": cfg} if isinstance(cfg, (str, Path)) else dict(cfg)
+    unknown = sorted(set(cfg) - set(GENERATED_KEYS))
+    if unknown:
+        raise ValueError(f"evaluation.generated: unknown key(s) {unknown}; expected {list(GENERATED_KEYS)}")
+    folder = Path(str(cfg["folder"])).expanduser()
+    try:
+        df = read_generated(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"evaluation.generated.folder: {err}") from err
+    df = df[df.path.astype(str).str.strip() != ""]
+    if cfg.get("modality"):
+        df = df[df.modality.astype(str) == str(cfg["modality"])]
+    if cfg.get("max_images"):
+        df = df.iloc[:int(cfg["max_images"])]
+    if not len(df):
+        raise ValueError(f"evaluation.generated: no image in {folder}" + (f" of modality {cfg['modality']!r}" if cfg.get("modality") else ""))
+    size = tuple(int(v) for v in dm.image_size)
+    images = []
+    for path in df.path:
+        arr = read_image(path, int(dm.channels))  # RGB samples are read as grayscale for a grayscale detector
+        if arr.shape[:2] != size:
+            if not cfg.get("resize"):
+                raise ValueError(f"{path}: a generated image of {arr.shape[0]}×{arr.shape[1]}, the detector works at "
+                                 f"{size[0]}×{size[1]} (set evaluation.generated.resize=true to resize)")
+            arr = resize_image(arr, size)
+        images.append(arr.astype(np.float32) / 255.0)
+    det, _, _ = score_images(task, images, dm.normalize, stats)
+    s = det["residual"]
+    thr = stats.image_threshold
+    flagged = (s > thr).astype(float) if thr is not None else np.full(len(s), np.nan)
+    clean_flag = (clean_scores > thr).astype(float) if thr is not None else np.full(len(clean_scores), np.nan)
+    out: dict[str, Any] = {"folder": str(folder), "modality": cfg.get("modality"), "n": int(len(s)),
+                           "image_threshold": thr, "score_median": float(np.median(s))}
+    if thr is not None:
+        k = int(flagged.sum())
+        out.update({"flagged": float(flagged.mean()), "flagged_ci": wilson(k, len(s)),
+                    "clean_flagged": float(clean_flag.mean()), "n_clean": int(len(clean_flag)),
+                    "excess": float(flagged.mean() - clean_flag.mean())})
+        lo, hi, _ = bootstrap_interval(lambda a, b: float(flagged[a].mean() - clean_flag[b].mean()),
+                                       [np.arange(len(s)), np.arange(len(clean_flag))], n_boot=n_boot,
+                                       rng=np.random.default_rng(seed), method="percentile")
+        out["excess_ci"] = [lo, hi]
+    y = np.r_[np.zeros(len(clean_scores)), np.ones(len(s))]
+    out["auroc_vs_clean"], out["auroc_vs_clean_ci"] = auroc_with_ci(np.r_[clean_scores, s], y, n_boot, seed)
+    table = pd.DataFrame({"path": list(df.path), "modality": list(df.modality), "prompt": list(df.prompt),
+                          "score": s, "flagged": flagged})
+    out["table"] = str(write_csv(Path(out_dir) / "metrics" / f"{split}_generated.csv", table))
+    log.info(f"generated samples ({len(s)} of {folder}): flagged {out.get('flagged')} vs clean real {out.get('clean_flagged')}")
+    return out

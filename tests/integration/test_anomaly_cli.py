@@ -194,3 +194,36 @@ def test_the_real_cxr_manifest_keeps_patients_in_one_split_and_refuses_the_repos
     assert again.returncode != 0 and "exists" in again.stderr  # never overwritten
     inside = subprocess.run([*script, "--out", str(ROOT / "medtrust" / "m")], capture_output=True, text=True)
     assert inside.returncode != 0 and "inside the repository" in inside.stderr
+
+
+def _generated_folder(folder, size: int, n: int = 6):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        arr = (np.random.default_rng(i).random((size, size, 3)) * 255).astype("uint8")  # RGB, read as grayscale
+        Image.fromarray(arr).save(folder / f"img_{i}.png")
+        rows.append({"file": f"img_{i}.png", "row": i, "sample": 0, "prompt": "chest X-ray", "modality": "cxr" if i < 4 else "mri"})
+    pd.DataFrame(rows).to_csv(folder / "generated.csv", index=False)
+    return folder
+
+
+def test_generated_samples_are_a_fifth_cohort_flagged_against_clean_real_images(anomaly_run, tmp_path):
+    gen = _generated_folder(tmp_path / "gen", 32)
+    run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.artifacts.n_clean=10",
+               "evaluation.artifacts.cohorts=[extreme]", f"+evaluation.generated.folder={gen}",
+               "+evaluation.generated.modality=cxr", f"hydra.run.dir={tmp_path / 'e'}")
+    m = json.loads((tmp_path / "e" / "metrics" / "test.json").read_text())
+    g = m["generated"]
+    assert g["n"] == 4 and g["modality"] == "cxr" and 0 <= g["flagged"] <= 1 and g["n_clean"] == 10
+    assert g["flagged_ci"][0] <= g["flagged"] <= g["flagged_ci"][1]
+    assert g["excess"] == pytest.approx(g["flagged"] - g["clean_flagged"])
+    assert set(m["cohorts"]) == {"extreme"}                                      # no AUROC cohort of its own
+    rows = pd.read_csv(tmp_path / "e" / "metrics" / "test_generated.csv")
+    assert len(rows) == 4 and set(rows.modality) == {"cxr"}
+    big = _generated_folder(tmp_path / "big", 48, n=2)
+    proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", f"evaluation.generated={big}",
+                      f"hydra.run.dir={tmp_path / 'f'}", check=False)
+    assert proc.returncode != 0 and "img_0.png: a generated image of 48×48" in proc.stderr + proc.stdout
