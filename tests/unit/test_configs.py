@@ -121,7 +121,8 @@ def test_default_config_is_the_phantom_segmenter():
 @pytest.mark.parametrize("data", names("data"))
 def test_every_data_config_instantiates(data, tmp_path):
     required = {"csv": "data.manifest", "chexpert": "data.manifest", "text_csv": "data.manifest", "isic2018": "data.root", "folder": "data.root",
-                "nih_chestxray14": "data.root", "medmnist": "data.path", "ratings": "data.manifest", "generated": "data.root"}
+                "nih_chestxray14": "data.root", "medmnist": "data.path", "ratings": "data.manifest", "generated": "data.root",
+                "volumes": "data.root"}
     extra = [f"{required[data]}={tmp_path}"] if data in required else []
     dm = instantiate(cfg(f"data={data}", *extra).data)
     assert dm.channels in (1, 3) and hasattr(dm.source, "records")

@@ -88,3 +88,39 @@ def test_a_non_dicom_file_is_named(tmp_path):
     (tmp_path / "x.dcm").write_bytes(b"hello")
     with pytest.raises(ValueError, match="x.dcm: not a readable DICOM file"):
         read_dicom(tmp_path / "x.dcm")
+
+
+def test_a_folder_of_volumes_is_a_data_source_of_slices_one_patient_per_file(tmp_path):
+    from medtrust.data.datamodule import ImageDataModule
+    from medtrust.data.records import DataError
+    from medtrust.data.sources.volumes import VolumeSource
+
+    for i in range(6):
+        vol = np.full((16, 16, 4), -1000.0, np.float32)
+        vol[3 + i % 3:12, 4:12, :] = 40.0 * i
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / f"ct_{i}.nii.gz"))
+    if DICOM.is_dir():  # the shared DICOM samples, de-identified on import
+        (tmp_path / "dicom").mkdir()
+        for name in ("CT_small.dcm", "MR_small.dcm"):
+            (tmp_path / "dicom" / name).write_bytes((DICOM / name).read_bytes())
+    recs = VolumeSource(str(tmp_path), [8, 8]).records()
+    nii = [r for r in recs if r["path"].endswith(".nii.gz")]
+    assert len(nii) == 24 and all(r["image"].shape == (8, 8) and r["image"].dtype == np.uint8 for r in recs)
+    assert {r["patient_id"] for r in nii} == {f"ct_{i}.nii.gz" for i in range(6)}
+    dcm = [r for r in recs if r["path"].endswith(".dcm")]
+    if DICOM.is_dir():
+        assert {r["attrs"]["modality"] for r in dcm} == {"CT", "MR"}
+        assert not any("Patient" in str(v) for r in dcm for v in r["attrs"].values())
+    dm = ImageDataModule(VolumeSource(str(tmp_path), [8, 8]), image_size=[8, 8], channels=1, require_mask=False,
+                         splits={"use_source": False, "fractions": {"train": 0.5, "val": 0.25, "test": 0.25}})
+    dm.setup()
+    by = {s: {r["patient_id"] for r in dm.load_split(s)[2]} for s in ("train", "val", "test")}
+    assert not (by["train"] & by["val"]) and not (by["train"] & by["test"])   # a volume's slices in one split
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no DICOM or NIfTI file"):
+        VolumeSource(str(tmp_path / "empty"), [8, 8]).records()
+    with pytest.raises(DataError, match="volume folder not found"):
+        VolumeSource(str(tmp_path / "missing"), [8, 8]).records()
+    (tmp_path / "ct_bad.nii.gz").write_bytes(b"not a volume")
+    with pytest.raises(DataError, match="ct_bad.nii.gz: not a readable NIfTI volume"):
+        VolumeSource(str(tmp_path), [8, 8]).records()
