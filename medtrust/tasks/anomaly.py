@@ -209,8 +209,7 @@ class AnomalyTask(TaskBase):
         mask = coarse_mask(residual(x, coarse, sigma), float(c["phanes_mask_percent"]), int(c["phanes_dilate"]))
         ph, info = inpaint(self.net, self.noise_scheduler, x, mask, int(c["phanes_t"]), int(c["phanes_k"]),
                            int(c["r"]), int(c["seed"]), init)
-        return ph, {**info, "evaluations_per_image": info["evaluations_per_image"] + n_coarse, "mode": "phanes",
-                    "flagged_share": float(mask.mean())}
+        return ph, {**info, "evaluations_per_image": info["evaluations_per_image"] + n_coarse, "mode": "phanes"}
 
     # -- scoring -----------------------------------------------------------------------------------
     @torch.no_grad()
