@@ -62,18 +62,17 @@ def reference_images(dm: Any, cfg: Mapping[str, Any] | None) -> tuple[torch.Tens
     if n < 1:
         raise ValueError(f"xai.reference.n={n}: expected >= 1")
     imgs, _, recs = dm.load_split(split)
-    keep = [i for i, r in enumerate(recs) if label is None or (r.get("label") is not None and int(r["label"]) == int(label))]
-    if not keep:
+    pool = [i for i, r in enumerate(recs) if label is None or (r.get("label") is not None and int(r["label"]) == int(label))]
+    if not pool:
         raise ValueError(f"xai.reference: no image of split {split!r}" + (f" with label {label}" if label is not None else ""))
-    if len(keep) > n:
-        keep = sorted(np.random.default_rng(int(cfg.get("seed", 0))).choice(keep, size=n, replace=False).tolist())
+    keep = pool
+    if len(pool) > n:
+        keep = sorted(np.random.default_rng(int(cfg.get("seed", 0))).choice(pool, size=n, replace=False).tolist())
     x = torch.stack([imgs[i].float().div(255) for i in keep])
     norm = getattr(dm, "normalize", None)
     if norm:
         x = (x - torch.tensor(norm["mean"]).view(1, -1, 1, 1)) / torch.tensor(norm["std"]).view(1, -1, 1, 1)
-    return x, {"split": split, "label": label, "n": len(keep), "n_requested": n,
-               "n_available": len([i for i, r in enumerate(recs) if label is None or (r.get("label") is not None
-                                                                                    and int(r["label"]) == int(label))])}
+    return x, {"split": split, "label": label, "n": len(keep), "n_requested": n, "n_available": len(pool)}
 
 
 def gather(task: torch.nn.Module, dm: Any, split: str, indices: Sequence[int], target_spec: Mapping[str, Any],
