@@ -95,7 +95,7 @@ def test_a_folder_of_volumes_is_a_data_source_of_slices_one_patient_per_file(tmp
     from medtrust.data.records import DataError
     from medtrust.data.sources.volumes import VolumeSource
 
-    for i in range(8):  # 8 patients: every split gets some whether the shared DICOM files are there or not
+    for i in range(16):  # 16 patients: every split gets some whether the shared DICOM files are there or not
         vol = np.full((16, 16, 4), -1000.0, np.float32)
         vol[3 + i % 3:12, 4:12, :] = 40.0 * i
         nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / f"ct_{i}.nii.gz"))
@@ -105,8 +105,8 @@ def test_a_folder_of_volumes_is_a_data_source_of_slices_one_patient_per_file(tmp
             (tmp_path / "dicom" / name).write_bytes((DICOM / name).read_bytes())
     recs = VolumeSource(str(tmp_path), [8, 8]).records()
     nii = [r for r in recs if r["path"].endswith(".nii.gz")]
-    assert len(nii) == 32 and all(r["image"].shape == (8, 8) and r["image"].dtype == np.uint8 for r in recs)
-    assert {r["patient_id"] for r in nii} == {f"ct_{i}.nii.gz" for i in range(8)}
+    assert len(nii) == 64 and all(r["image"].shape == (8, 8) and r["image"].dtype == np.uint8 for r in recs)
+    assert {r["patient_id"] for r in nii} == {f"ct_{i}.nii.gz" for i in range(16)}
     dcm = [r for r in recs if r["path"].endswith(".dcm")]
     if DICOM.is_dir():
         assert {r["attrs"]["modality"] for r in dcm} == {"CT", "MR"}
