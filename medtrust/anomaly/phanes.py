@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from medtrust.anomaly.reconstruction import _noise, chain_timesteps
@@ -43,25 +44,17 @@ def coarse_mask(res: torch.Tensor, mask_percent: float, dilate: int = 0) -> torc
 
 
 def context_fill(x: torch.Tensor, mask: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
-    """The flagged pixels filled from the unflagged ones around them (normalised Gaussian convolution);
-    the unflagged pixels unchanged."""
-    k = max(3, int(round(3 * sigma)) * 2 + 1)
-    ax = torch.arange(k, dtype=x.dtype) - k // 2
-    g = torch.exp(-(ax ** 2) / (2 * sigma ** 2))
-    g = (g / g.sum()).to(x)
-    c = x.shape[1]
-
-    def blur(a: torch.Tensor) -> torch.Tensor:
-        n = a.shape[1]
-        h = k // 2
-        a = F.conv2d(F.pad(a, (h, h, 0, 0), mode="replicate"), g.view(1, 1, 1, k).repeat(n, 1, 1, 1), groups=n)
-        return F.conv2d(F.pad(a, (0, 0, h, h), mode="replicate"), g.view(1, 1, k, 1).repeat(n, 1, 1, 1), groups=n)
-
+    """The flagged pixels filled from the unflagged ones around them (normalised Gaussian convolution,
+    scipy's ``gaussian_filter`` over the two spatial axes); the unflagged pixels unchanged."""
     keep = 1 - mask
-    num, den = blur(x * keep), blur(keep.expand(-1, 1, -1, -1))
-    fill = num / den.clamp_min(1e-6)
-    fill = torch.where(den.expand(-1, c, -1, -1) > 1e-6, fill, (x * keep).sum((2, 3), keepdim=True)
-                       / keep.sum((2, 3), keepdim=True).clamp_min(1))
+
+    def blur(a: torch.Tensor) -> torch.Tensor:  # B×C×H×W, smoothed over H and W only
+        return torch.from_numpy(gaussian_filter(a.detach().cpu().double().numpy(), (0, 0, sigma, sigma),
+                                                mode="nearest", truncate=3.0)).to(x)
+
+    num, den = blur(x * keep), blur(keep)
+    mean = (x * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp_min(1)
+    fill = torch.where(den > 1e-6, num / den.clamp_min(1e-6), mean)  # no unflagged pixel near: the image mean
     return keep * x + mask * fill
 
 

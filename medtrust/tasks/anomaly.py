@@ -282,8 +282,7 @@ class AnomalyTask(TaskBase):
         ev = to_plain(evaluation) if evaluation is not None else {}
         sc = {k: v for k, v in dict(ev.get("scoring") or {}).items() if v is not None}
         if sc:
-            self.score_cfg = _checked({**{k: v for k, v in self.score_cfg.items() if k in SCORE_DEFAULTS}, **sc},
-                                      SCORE_DEFAULTS, "evaluation.scoring")
+            self.score_cfg = _checked({**self.score_cfg, **sc}, SCORE_DEFAULTS, "evaluation.scoring")
         over = {k: v for k, v in dict(ev.get("reconstruction") or {}).items() if v is not None}
         if over:
             unknown = sorted(set(over) - set(self.recon_defaults))
