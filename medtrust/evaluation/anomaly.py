@@ -20,7 +20,7 @@ import torch
 from medtrust.anomaly.scoring import AnomalyStats
 from medtrust.data.artifacts import ArtifactSpec, build_benchmark
 from medtrust.evaluation.config import to_plain
-from medtrust.metrics.anomaly import auroc_with_ci, benchmark_metrics
+from medtrust.metrics.anomaly import auroc_with_ci, benchmark_metrics, kind_aurocs
 from medtrust.tasks.base import EvalResult
 from medtrust.utils.io import write_csv, write_json
 from medtrust.utils.logging import get_logger
@@ -115,6 +115,7 @@ def evaluate_anomaly(task: Any, dm: Any, split: str, out_dir: Path, evaluation: 
         "anomaly": {k: o[k] for k in ("auroc", "pixel_auroc", "dice", "iou", "pointing_game", "spearman_severity")
                     if isinstance(o.get(k), (int, float))},
         "overall": o, "cohorts": res["cohorts"], "detectors": detectors,
+        "kinds": kind_aurocs(scores, labels, [r["kind"] for r in rows], sev, int(ev.get("bootstrap", 1000)), int(spec.seed)),
         "benchmark": {"cohorts": list(spec.cohorts), "severities": list(spec.severities),
                       "per_severity": spec.per_severity, "n_clean": int((labels == 0).sum()), "seed": spec.seed,
                       "built_from": f"the {split} rows of {dm.source.describe()}"},

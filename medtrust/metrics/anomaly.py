@@ -125,6 +125,26 @@ def benchmark_metrics(scores: np.ndarray, labels: np.ndarray, cohorts: Sequence[
     return out
 
 
+def kind_aurocs(scores: np.ndarray, labels: np.ndarray, kinds: Sequence[str], severities: np.ndarray,
+                n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Image AUROC [95 % CI] of every artifact kind (e.g. ``ghosting``) against all clean images, with its
+    number of injected images and Spearman rho(score, severity): a cohort's AUROC can hide one kind the
+    detector cannot see (clean rows are those with label 0; their kind is ignored)."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels).astype(int)
+    kinds, severities = np.asarray(kinds, dtype=object), np.asarray(severities)
+    if not (len(scores) == len(labels) == len(kinds) == len(severities)):
+        raise ValueError("scores, labels, kinds and severities must have one row per image")
+    clean = labels == 0
+    out: dict[str, dict[str, Any]] = {}
+    for k in sorted(set(kinds[labels == 1].tolist())):
+        inj = (kinds == k) & (labels == 1)
+        sel = clean | inj
+        auc, ci = auroc_with_ci(scores[sel], labels[sel], n_boot, seed)
+        out[str(k)] = {"n_injected": int(inj.sum()), "auroc": auc, "auroc_ci": ci,
+                       "spearman_severity": _spearman(scores[inj], severities[inj])}
+    return out
+
+
 def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """Wilcoxon signed-rank test of two detectors' per-image values on the same images (NaN pairs dropped)."""
     a, b = np.asarray(a, float), np.asarray(b, float)

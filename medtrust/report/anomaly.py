@@ -23,13 +23,16 @@ def _auc(v: Mapping[str, Any]) -> str | None:
 
 
 def anomaly_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
-    per_split, det_rows, rater_rows = {}, [], []
+    per_split, det_rows, rater_rows, kind_rows = {}, [], [], []
     first = None
     for split, m in metrics.items():
         if "cohorts" not in m or "overall" not in m:
             continue
         first = first or m
         per_split[split] = [_row("overall", m["overall"]), *(_row(c, v) for c, v in m["cohorts"].items())]
+        for kind, v in (m.get("kinds") or {}).items():
+            kind_rows.append({"split": split, "kind": kind, "injected": v.get("n_injected"), "AUROC [95 % CI]": _auc(v),
+                              "ρ(score, severity)": v.get("spearman_severity")})
         r = m.get("raters")
         if r:
             k, c = r.get("krippendorff") or {}, (r.get("correlation_with_map") or {})
@@ -46,7 +49,7 @@ def anomaly_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) ->
     if first is None:
         return []
     return [ReportSection("anomaly/anomaly.html.j2", {"per_split": per_split, "detector_rows": det_rows,
-                                                      "rater_rows": rater_rows,
+                                                      "rater_rows": rater_rows, "kind_rows": kind_rows,
                                                       "fitted": first.get("fitted") or {},
                                                       "reconstruction": first.get("reconstruction") or {},
                                                       "benchmark": first.get("benchmark") or {}})]

@@ -39,7 +39,12 @@ def test_the_run_writes_stats_and_the_benchmark_metrics_per_cohort(anomaly_run):
     per = pd.read_csv(anomaly_run / "metrics" / "test_benchmark.csv")
     assert len(per) == m["n_images"] == m["benchmark"]["n_clean"] + 4 * 5 * 2
     assert (per[per.label == 0].cohort == "clean").all() and set(per[per.label == 1].severity) == {1, 2, 3, 4, 5}
+    injected = per[per.label == 1]
+    assert set(m["kinds"]) == set(injected.kind)  # every kind drawn, with its own AUROC against all clean images
+    for kind, v in m["kinds"].items():
+        assert v["n_injected"] == (injected.kind == kind).sum() and 0 <= v["auroc"] <= 1
     html = (anomaly_run / "report" / "index.html").read_text()
+    assert "Image AUROC of each artifact kind" in html
     assert "Artifact detection (SAFEGEN)" in html and "image AUROC, injected vs clean" in html
     assert "Image AUROC of each score" in html
 

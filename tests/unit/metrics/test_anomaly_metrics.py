@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medtrust.metrics.anomaly import auroc_with_ci, benchmark_metrics, paired_wilcoxon
+from medtrust.metrics.anomaly import auroc_with_ci, benchmark_metrics, kind_aurocs, paired_wilcoxon
 
 
 def _bench(seed: int = 0):
@@ -40,6 +40,22 @@ def test_a_detectable_cohort_scores_high_and_an_invisible_one_at_chance():
     lo, hi = hard["auroc_ci"]
     assert lo < 0.5 < hi or lo < hard["auroc"] < hi
     assert r["overall"]["n_injected"] == 40 and easy["auroc"] > r["overall"]["auroc"] > hard["auroc"]
+
+
+def test_kind_aurocs_expose_the_kind_a_cohort_average_hides():
+    """One cohort of two kinds: one seen (AUROC 1), one invisible (at chance); the cohort's AUROC is
+    between them, the per-kind figures show which kind escapes."""
+    scores, labels, cohorts, sev, maps, masks = _bench()
+    kinds = ["clean" if c == "clean" else "seen" if c == "easy" else "unseen" for c in cohorts]
+    merged = ["clean" if c == "clean" else "one" for c in cohorts]
+    r = kind_aurocs(scores, labels, kinds, sev, n_boot=200)
+    assert set(r) == {"seen", "unseen"} and r["seen"]["n_injected"] == r["unseen"]["n_injected"] == 20
+    assert r["seen"]["auroc"] == 1.0 and r["seen"]["spearman_severity"] > 0.9
+    assert 0.2 < r["unseen"]["auroc"] < 0.8 and r["unseen"]["auroc_ci"][0] < 0.5
+    cohort = benchmark_metrics(scores, labels, merged, sev, maps, masks, n_boot=0)["cohorts"]["one"]["auroc"]
+    assert r["unseen"]["auroc"] < cohort < r["seen"]["auroc"]
+    with pytest.raises(ValueError, match="one row per image"):
+        kind_aurocs(scores, labels, kinds[:-1], sev)
 
 
 def test_auroc_ci_is_stratified_and_none_without_both_classes():
