@@ -105,6 +105,7 @@ class ImageDataModule(L.LightningDataModule):
         manifest, root, path: where the data lives (shared with the source by interpolation; recorded
             in the run's data summary).
         name: short data-set name for reports.
+        class_names: the names of classes 0, 1, ... (optional; the audit checks a classifier detects a finding by them).
         train_source: another source whose records are the training split, all of them (e.g. a
             generator's rated samples, or synthetic images for a classifier), while ``source`` keeps
             giving val / test / cal (its own training records are left out). None: ``source`` alone.
@@ -137,6 +138,7 @@ class ImageDataModule(L.LightningDataModule):
         root: str | None = None,
         path: str | None = None,
         name: str = "data",
+        class_names: Sequence[str] | None = None,
         train_source: Any = None,
     ) -> None:
         super().__init__()
@@ -163,6 +165,10 @@ class ImageDataModule(L.LightningDataModule):
         self.require_mask = bool(require_mask)
         self.require_label = bool(require_label)
         self.num_classes = int(num_classes) if num_classes else None
+        self.class_names = [str(c) for c in class_names] if class_names else None
+        if self.class_names and self.num_classes and len(self.class_names) != self.num_classes:
+            raise ValueError(f"data.class_names {self.class_names} names {len(self.class_names)} classes; "
+                             f"data.num_classes is {self.num_classes}")
         sp = dict(splits or {})
         self.split_cfg = {"use_source": bool(sp.get("use_source", True)),
                           "fractions": check_fractions(sp.get("fractions", {"train": 0.7, "val": 0.15, "test": 0.15})),

@@ -44,6 +44,8 @@ def prepare_argv(argv: list[str], multi: bool = True, choose_xai: bool = False,
             runs += _parse_list(str(many))
     if any(a.startswith(("-h", "--help", "--cfg", "--info")) for a in argv[1:]):
         return argv
+    if multi and not runs and any(re.match(r"^audit=", a) for a in argv[1:]):
+        return argv  # an audit (evaluate.py audit=<name>) names its generator and classifier runs in its config
     if not runs:
         hint = ' (or "run_dirs=[runA,runB]" to compare runs)' if multi else ""
         raise RunDirError(f"give run_dir=<run folder>{hint}")

@@ -45,6 +45,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"report must be run or compare, got {cfg.report!r}")
     if cfg.get("report") == "compare" and not cfg.get("run_dirs"):
         raise ValueError('report=compare needs "run_dirs=[runA,runB,...]"')
+    if cfg.get("audit"):
+        from medtrust.audit.run import run_audit
+
+        return run_audit(cfg, out_dir)
     if cfg.get("run_dirs"):
         return compare(cfg, out_dir)
     if cfg.get("ensemble_runs"):

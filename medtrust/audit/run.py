@@ -1,0 +1,337 @@
+"""``python evaluate.py audit=<name>``: the bias, validity and hallucination audit of a generator.
+
+It takes a generator (:mod:`medtrust.audit.generators`), independent classifier runs of the audited
+finding and of a finding no prompt asks for, and real images with labels and demographics; it writes
+``metrics/audit.json`` and every table as CSV into its own run folder (``runs/audit/<time>``). The
+statistics are :mod:`medtrust.metrics.audit`'s.
+
+What each figure is fitted on and reported on: the classifiers are fitted on their own training runs;
+their decision rule is the calibrated probability >= 0.5 (argmax for two classes); their sensitivity and
+false-positive rate for the corrections are measured on the audit's real images (``audit.real``),
+which must be held out from the classifiers' training (the phantom configs use another data seed).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from medtrust.audit.generators import FolderGenerator, PhantomGenerator
+from medtrust.audit.prompts import build_prompt_set, check_prompt_table
+from medtrust.evaluation.run_classifier import RunClassifier
+from medtrust.metrics.audit import disparity, excess_rate, kappa_agreement, paired_shift, rate
+from medtrust.metrics.calibration import compute_binary_ece
+from medtrust.runs.rundir import claim_run_dir
+from medtrust.utils.io import atomic_write_bytes, write_csv, write_json
+from medtrust.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+AUDIT_KEYS = {"name", "folder", "generator", "prompts", "finding", "hallucinated", "classifiers", "real", "resize", "min_cell",
+              "n_boot", "n_perm", "seed", "intersections", "consensus", "batch_size"}
+
+
+def _plain(x: Any) -> Any:
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
+
+
+def build_generator(g: Mapping[str, Any], finding: str, hallucinated: str) -> Any:
+    kind = str(g.get("kind"))
+    if kind == "phantom":
+        return PhantomGenerator(int(g.get("size", 64)), int(g.get("seed", 0)), finding, hallucinated, g.get("inject"))
+    if kind == "folder":
+        if not g.get("folder"):
+            raise ValueError("audit.generator.kind=folder needs audit.generator.folder=<generated images>")
+        return FolderGenerator(g["folder"], g.get("csv"))
+    raise ValueError(f"audit.generator.kind={kind!r}; expected phantom or folder")
+
+
+def load_classifiers(runs: Sequence[str] | None, finding: str, key: str, resize: bool, seed: int) -> list[tuple[str, RunClassifier, int]]:
+    """``(name, classifier, index of the finding's class)`` of every run; refuses a run whose classes
+    do not include the finding."""
+    if not runs:
+        raise ValueError(f"{key}: no classifier runs; expected a list of classifier run folders that detect {finding!r}")
+    out = []
+    for i, r in enumerate(runs):
+        clf = RunClassifier.from_run(r, key=f"{key}[{i}]", seed=seed, resize=resize)
+        if not clf.classes:
+            raise ValueError(f"{key}[{i}]={r}: its data config does not name its classes (data.class_names), so it "
+                             f"cannot be checked to detect {finding!r}")
+        if finding not in clf.classes:
+            raise ValueError(f"{key}[{i}]={r}: its classes {clf.classes} do not include the audited finding {finding!r}")
+        out.append((f"{Path(str(r)).name}#{i}", clf, clf.classes.index(finding)))
+    return out
+
+
+def real_images(real: Mapping[str, Any], findings: Sequence[str], attributes: Sequence[str]) -> tuple[torch.Tensor, pd.DataFrame]:
+    """The real images (N×C×H×W in [0, 1]) and a table of their findings (0/1) and demographics.
+    ``real.findings``: finding -> ``label`` (the record's label is 1) or an attribute column holding 0/1."""
+    dm = instantiate(real["data"])
+    if hasattr(dm, "setup"):
+        dm.setup()
+    imgs, _, recs = dm.load_split(str(real.get("split", "test")))
+    cols = dict(real.get("findings") or {})
+    rows = []
+    for rec in recs:
+        row = {"id": rec["id"]}
+        attrs = rec.get("attrs") or {}
+        for f in findings:
+            src = cols.get(f)
+            if src is None:
+                raise ValueError(f"audit.real.findings: no column for finding {f!r}; expected label or an attribute name")
+            v = rec.get("label") if src == "label" else attrs.get(src)
+            if v is None or str(v).strip() == "":
+                row[f] = np.nan
+            else:
+                row[f] = int(int(float(v)) == 1) if src == "label" else int(str(v).strip() in ("1", "1.0", "True", "yes"))
+        for a in attributes:
+            row[a] = str(attrs.get(a, "")) or None
+        rows.append(row)
+    return torch.stack([t.float().div(255) for t in imgs]), pd.DataFrame(rows)
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-12, 1)
+    return -(q * np.log(q)).sum(-1)
+
+
+def predict(clfs: list[tuple[str, RunClassifier, int]], images: torch.Tensor, where: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per classifier: ``p`` (calibrated probability of the finding), ``flag`` (p >= 0.5), ``entropy`` of the
+    mean prediction and ``mi`` (mutual information over the stochastic passes: epistemic)."""
+    out = {}
+    for name, clf, idx in clfs:
+        clf.check_images(images, where)
+        s = clf.sample_probabilities(images).double().numpy()  # S x N x K
+        mean = s.mean(0)
+        out[name] = {"p": mean[:, idx], "flag": (mean[:, idx] >= 0.5).astype(float), "entropy": _entropy(mean),
+                     "mi": _entropy(mean) - _entropy(s).mean(0)}
+    return out
+
+
+def _groups(df: pd.DataFrame, attrs: Sequence[str], intersections: bool) -> list[tuple[str, list[str]]]:
+    out = [(a, [a]) for a in attrs]
+    if intersections:
+        out += [(f"{a}&{b}", [a, b]) for i, a in enumerate(attrs) for b in attrs[i + 1:]]
+    return out
+
+
+def _key(df: pd.DataFrame, cols: list[str]) -> pd.Series:
+    return df[cols].astype(str).agg("&".join, axis=1)
+
+
+def bias_block(df: pd.DataFrame, flags: np.ndarray, attrs: Sequence[str], a: Mapping[str, Any],
+               correction: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    """Per attribute (and intersection): TPR, FPR, selection rate and accuracy by group, with disparities."""
+    asked = df["asked"].astype(int).to_numpy()
+    out = {}
+    kw = dict(min_n=int(a["min_cell"]), n_boot=int(a["n_boot"]), n_perm=int(a["n_perm"]), seed=int(a["seed"]))
+    for name, cols in _groups(df, attrs, bool(a.get("intersections", True))):
+        key = _key(df, cols).to_numpy()
+        values = sorted(set(key))
+        m = {
+            "tpr": disparity({v: flags[(key == v) & (asked == 1)] for v in values}, correction=correction, **kw),
+            "fpr": disparity({v: flags[(key == v) & (asked == 0)] for v in values}, **kw),
+            "selection_rate": disparity({v: flags[key == v] for v in values}, **kw),
+            "accuracy": disparity({v: (flags == asked)[key == v].astype(float) for v in values}, **kw)}
+        t = m["tpr"]
+        out[name] = {"metric": "tpr", "gap": t["gap"], "gap_ci": t["gap_ci"], "p": t["p"], "ratio": t["ratio"],
+                     "ratio_ci": t["ratio_ci"], "highest": t["highest"], "lowest": t["lowest"],
+                     "corrected": t.get("corrected"), "metrics": m}
+    return out
+
+
+def shift_block(df: pd.DataFrame, flags: np.ndarray, attrs: Sequence[str], a: Mapping[str, Any]) -> dict[str, Any]:
+    """Selection-rate shift of every group between the prompts with and without demographic terms."""
+    w = df[df["variant"] == "demographic"].set_index("pair_id")
+    wo = df[df["variant"] == "neutral"].set_index("pair_id")
+    both = w.index.intersection(wo.index)
+    fw = pd.Series(flags[(df["variant"] == "demographic").to_numpy()], index=w.index).loc[both].to_numpy()
+    fwo = pd.Series(flags[(df["variant"] == "neutral").to_numpy()], index=wo.index).loc[both].to_numpy()
+    w = w.loc[both]
+    kw = dict(min_n=int(a["min_cell"]), n_boot=int(a["n_boot"]), seed=int(a["seed"]))
+    out = {"all": paired_shift(fw, fwo, **kw)}
+    for name, cols in _groups(w.reset_index(), attrs, bool(a.get("intersections", True))):
+        key = _key(w, cols).to_numpy()
+        for v in sorted(set(key)):
+            label = "&".join(f"{c}={x}" for c, x in zip(cols, v.split("&")))
+            out[label] = paired_shift(fw[key == v], fwo[key == v], **kw)
+    return out
+
+
+def hallucination_block(gen: dict[str, dict[str, np.ndarray]], real: dict[str, dict[str, np.ndarray]],
+                        truth_real: np.ndarray, gen_df: pd.DataFrame, real_df: pd.DataFrame, attrs: Sequence[str],
+                        a: Mapping[str, Any]) -> dict[str, Any]:
+    """The hallucinated finding's flag rate on generated images as an excess over real images without it,
+    per classifier and for the consensus of the classifiers, overall and per subgroup."""
+    kw = dict(min_n=int(a["min_cell"]), n_boot=int(a["n_boot"]), seed=int(a["seed"]))
+    names = list(gen)
+    rule = str(a.get("consensus", "majority"))
+    if rule not in ("majority", "all", "any"):
+        raise ValueError(f"audit.consensus={rule!r}; expected majority, all or any")
+
+    def consensus(d: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
+        f = np.stack([d[n]["flag"] for n in names])
+        return {"majority": (f.mean(0) > 0.5), "all": f.min(0) == 1, "any": f.max(0) == 1}[rule].astype(float)
+
+    known = ~np.isnan(truth_real)
+    neg, pos = known & (truth_real == 0), known & (truth_real == 1)
+    per = {n: excess_rate(gen[n]["flag"], real[n]["flag"][neg], real[n]["flag"][pos], **kw) for n in names}
+    cg, cr = consensus(gen), consensus(real)
+    top = excess_rate(cg, cr[neg], cr[pos], **kw)
+    by_group: dict[str, Any] = {}
+    for attr in attrs:
+        by_group[attr] = {}
+        gkey, rkey = gen_df[attr].astype(str).to_numpy(), real_df[attr].astype(str).to_numpy() if attr in real_df else None
+        for v in sorted(set(gkey)):
+            sel = gkey == v
+            rsel = (rkey == v) if rkey is not None else np.zeros(len(real_df), bool)
+            if (rsel & neg).sum() >= int(a["min_cell"]):
+                blk, base = excess_rate(cg[sel], cr[rsel & neg], cr[rsel & pos], **kw), "group"
+            else:  # this group is absent or too rare among the real images: the overall real rate is the baseline
+                blk, base = excess_rate(cg[sel], cr[neg], cr[pos], **kw), "overall"
+            by_group[attr][v] = {**blk, "baseline": base}
+    return {**top, "consensus": rule, "per_classifier": per, "agreement": kappa_agreement({n: gen[n]["flag"] for n in names}),
+            "by_group": by_group}
+
+
+def validity_block(gen: dict[str, dict[str, np.ndarray]], gen_df: pd.DataFrame, real: dict[str, dict[str, np.ndarray]],
+                   real_df: pd.DataFrame, finding: str, attrs: Sequence[str], a: Mapping[str, Any]) -> dict[str, Any]:
+    """Accuracy, ECE, entropy and MC-dropout mutual information of each finding classifier on real against
+    synthetic images, per class (finding asked / present or not) and per subgroup."""
+    min_n = int(a["min_cell"])
+
+    def cell(p: np.ndarray, y: np.ndarray, ent: np.ndarray, mi: np.ndarray) -> dict[str, Any]:
+        if len(y) < min_n:
+            return {"status": "insufficient", "n": int(len(y))}
+        acc = rate(((p >= 0.5) == (y == 1)).astype(float))
+        return {"status": "ok", "n": int(len(y)), "accuracy": acc["rate"], "accuracy_ci": acc["ci"],
+                "ece": compute_binary_ece(torch.tensor(p), torch.tensor(y).long()), "entropy": float(np.mean(ent)),
+                "mutual_information": float(np.mean(mi))}
+
+    out: dict[str, Any] = {}
+    syn_y = gen_df["asked"].astype(int).to_numpy()
+    real_y = real_df[finding].to_numpy()
+    known = ~np.isnan(real_y)
+    for name in gen:
+        g, r = gen[name], real[name]
+        blocks: dict[str, Any] = {}
+        for cls_name, cv in (("all", None), (finding, 1), (f"no_{finding}", 0)):
+            sg = np.ones(len(syn_y), bool) if cv is None else syn_y == cv
+            sr = known if cv is None else known & (real_y == cv)
+            entry = {"overall": {"real": cell(r["p"][sr], real_y[sr], r["entropy"][sr], r["mi"][sr]),
+                                 "synthetic": cell(g["p"][sg], syn_y[sg], g["entropy"][sg], g["mi"][sg])}}
+            for attr in attrs:
+                for v in sorted(set(gen_df[attr].astype(str))):
+                    gsel = sg & (gen_df[attr].astype(str).to_numpy() == v)
+                    rsel = sr & (real_df[attr].astype(str).to_numpy() == v) if attr in real_df else np.zeros(len(real_y), bool)
+                    entry[f"{attr}={v}"] = {"real": cell(r["p"][rsel], real_y[rsel], r["entropy"][rsel], r["mi"][rsel]),
+                                            "synthetic": cell(g["p"][gsel], syn_y[gsel], g["entropy"][gsel], g["mi"][gsel])}
+            blocks[cls_name] = entry
+        out[name] = blocks
+    return out
+
+
+def _flat(prefix: str, block: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a CSV from a nested block of group cells."""
+    rows = []
+    for k, v in block.items():
+        if isinstance(v, Mapping) and ("status" in v or "rate" in v):
+            rows.append({"table": prefix, "group": k, **{x: (y if not isinstance(y, (list, dict)) else str(y))
+                                                          for x, y in v.items()}})
+    return rows
+
+
+def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """The audit of ``cfg.audit`` into ``out_dir``."""
+    a = _plain(cfg.audit)
+    unknown = sorted(set(a) - AUDIT_KEYS)
+    if unknown:
+        raise ValueError(f"audit: unknown key(s) {unknown}; expected {sorted(AUDIT_KEYS)}")
+    claim_run_dir(out_dir, {"kind": "audit", "audit": a.get("name")})
+    finding, hallucinated = str(a["finding"]), str(a["hallucinated"])
+    attrs = list(dict(a["prompts"]["attributes"]))
+    gen = build_generator(dict(a["generator"]), finding, hallucinated)
+    gen.check_attributes(attrs)
+    if isinstance(gen, FolderGenerator):
+        prompts = gen.table()
+        check_prompt_table(prompts, attrs, str(gen.csv))
+    else:
+        prompts = build_prompt_set({**dict(a["prompts"]), "seed": a["prompts"].get("seed", a.get("seed", 0))})
+    images, table = gen.generate(prompts)
+    log.info(f"audit: {len(table)} generated images ({gen.kind}), {table['pair_id'].nunique()} counterfactual pairs")
+    resize, seed = bool(a.get("resize", False)), int(a.get("seed", 0))
+    clf_cfg = dict(a["classifiers"])
+    f_clfs = load_classifiers(clf_cfg.get(finding), finding, f"audit.classifiers.{finding}", resize, seed)
+    h_clfs = load_classifiers(clf_cfg.get(hallucinated), hallucinated, f"audit.classifiers.{hallucinated}", resize, seed)
+    r_images, r_df = real_images(dict(a["real"]), [finding, hallucinated], attrs)
+    gen_f = predict(f_clfs, images, "audit generated images")
+    gen_h = predict(h_clfs, images, "audit generated images")
+    real_f = predict(f_clfs, r_images, "audit.real images")
+    real_h = predict(h_clfs, r_images, "audit.real images")
+    # bias: on each variant, per finding classifier; the first classifier is the headline
+    ry = r_df[finding].to_numpy()
+    bias: dict[str, Any] = {}
+    for variant in ("demographic", "neutral"):
+        sel = (table["variant"] == variant).to_numpy()
+        bias[variant] = {}
+        for name, _, _ in f_clfs:
+            corr = (real_f[name]["flag"][ry == 1], real_f[name]["flag"][ry == 0])
+            bias[variant][name] = bias_block(table[sel].reset_index(drop=True), gen_f[name]["flag"][sel], attrs, a, corr)
+    first = f_clfs[0][0]
+    shift = {name: shift_block(table, gen_f[name]["flag"], attrs, a) for name, _, _ in f_clfs}
+    hall = hallucination_block(gen_h, real_h, r_df[hallucinated].to_numpy(), table, r_df, attrs, a)
+    validity = validity_block(gen_f, table, real_f, r_df, finding, attrs, a)
+    composition = {attr: {str(k): int(v) for k, v in r_df[attr].value_counts(dropna=False).items()} for attr in attrs
+                   if attr in r_df}
+    metrics = {
+        "kind": "audit", "name": a.get("name"), "generator": gen.describe(), "finding": finding,
+        "hallucinated": hallucinated, "n_generated": int(len(table)), "n_pairs": int(table["pair_id"].nunique()),
+        "n_real": int(len(r_df)), "min_cell": int(a["min_cell"]),
+        "classifiers": {n: {**c.describe(), "finding": finding} for n, c, _ in f_clfs}
+        | {n: {**c.describe(), "finding": hallucinated} for n, c, _ in h_clfs},
+        "fitted": {"classifiers": "their own training runs; decision rule p >= 0.5 of the calibrated probability",
+                   "corrections": f"sensitivity and false-positive rate on the audit's real images ({a['real'].get('split', 'test')} split)"},
+        "bias": bias["demographic"][first], "bias_neutral": bias["neutral"][first],
+        "bias_by_classifier": bias, "selection_rate_shift": shift[first], "selection_rate_shift_by_classifier": shift,
+        "hallucination": hall, "validity": validity,
+        "training_data": gen.training_composition(), "real_data": {"composition": composition},
+    }
+    if "truth_finding" in table:  # known truth (phantom generator): what the audit should recover
+        metrics["truth"] = truth_block(table, attrs, a)
+    write_json(out_dir / "metrics" / "audit.json", metrics)
+    gen_rows = table.drop(columns=[c for c in table.columns if c == "image"]).copy()
+    for name in gen_f:
+        gen_rows[f"p_{finding}:{name}"], gen_rows[f"flag_{finding}:{name}"] = gen_f[name]["p"], gen_f[name]["flag"]
+    for name in gen_h:
+        gen_rows[f"p_{hallucinated}:{name}"], gen_rows[f"flag_{hallucinated}:{name}"] = gen_h[name]["p"], gen_h[name]["flag"]
+    write_csv(out_dir / "tables" / "generated.csv", gen_rows)
+    write_csv(out_dir / "tables" / "real.csv", r_df)
+    rows = []
+    for attr, blk in metrics["bias"].items():
+        for metric, d in blk["metrics"].items():
+            rows += [{**r, "attribute": attr, "metric": metric} for r in _flat(metric, d["groups"])]
+    write_csv(out_dir / "tables" / "bias_groups.csv", pd.DataFrame(rows))
+    write_csv(out_dir / "tables" / "selection_rate_shift.csv", pd.DataFrame(_flat("shift", metrics["selection_rate_shift"])))
+    write_csv(out_dir / "tables" / "hallucination_groups.csv", pd.DataFrame(
+        [r for attr, g in hall["by_group"].items() for r in _flat(attr, g)]))
+    atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg.audit, resolve=True).encode())
+    log.info(f"audit written to {out_dir}")
+    return metrics
+
+
+def truth_block(table: pd.DataFrame, attrs: Sequence[str], a: Mapping[str, Any]) -> dict[str, Any]:
+    """The generator's own figures (phantom): the share of requested findings drawn per group and the
+    share of images with the unasked finding, what the corrected estimates should recover."""
+    out: dict[str, Any] = {"hallucination_rate": float(table["truth_hallucination"].mean())}
+    demo = table[(table["variant"] == "demographic") & (table["asked"].astype(int) == 1)]
+    for attr in attrs:
+        g = demo.groupby(demo[attr].astype(str))["truth_finding"].mean()
+        out[f"drawn.{attr}"] = {str(k): float(v) for k, v in g.items()}
+        out[f"drawn_gap.{attr}"] = float(g.max() - g.min()) if len(g) > 1 else None
+    return out
