@@ -12,6 +12,7 @@ which must be held out from the classifiers' training (the phantom configs use a
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ def load_classifiers(runs: Sequence[str] | None, finding: str, key: str, resize:
     do not include the finding."""
     if not runs:
         raise ValueError(f"{key}: no classifier runs; expected a list of classifier run folders that detect {finding!r}")
+    seen = [Path(str(r)).resolve() for r in runs]
+    dup = sorted({str(r) for r in seen if seen.count(r) > 1})
+    if dup:
+        raise ValueError(f"{key}: {dup} listed twice; the audit needs independent classifiers (other runs)")
     out = []
     for i, r in enumerate(runs):
         clf = RunClassifier.from_run(r, key=f"{key}[{i}]", seed=seed, resize=resize)
@@ -263,47 +268,28 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         check_prompt_table(prompts, attrs, str(gen.csv))
     else:
         prompts = build_prompt_set({**dict(a["prompts"]), "seed": a["prompts"].get("seed", a.get("seed", 0))})
-    images, table = gen.generate(prompts)
-    log.info(f"audit: {len(table)} generated images ({gen.kind}), {table['pair_id'].nunique()} counterfactual pairs")
     resize, seed = bool(a.get("resize", False)), int(a.get("seed", 0))
     clf_cfg = dict(a["classifiers"])
     f_clfs = load_classifiers(clf_cfg.get(finding), finding, f"audit.classifiers.{finding}", resize, seed)
     h_clfs = load_classifiers(clf_cfg.get(hallucinated), hallucinated, f"audit.classifiers.{hallucinated}", resize, seed)
+    t0 = time.perf_counter()
+    images, table = gen.generate(prompts)
+    t_gen = time.perf_counter() - t0
+    log.info(f"audit: {len(table)} generated images ({gen.kind}), {table['pair_id'].nunique()} counterfactual pairs")
     r_images, r_df = real_images(dict(a["real"]), [finding, hallucinated], attrs)
     gen_f = predict(f_clfs, images, "audit generated images")
     gen_h = predict(h_clfs, images, "audit generated images")
     real_f = predict(f_clfs, r_images, "audit.real images")
     real_h = predict(h_clfs, r_images, "audit.real images")
-    # bias: on each variant, per finding classifier; the first classifier is the headline
-    ry = r_df[finding].to_numpy()
-    bias: dict[str, Any] = {}
-    for variant in ("demographic", "neutral"):
-        sel = (table["variant"] == variant).to_numpy()
-        bias[variant] = {}
-        for name, _, _ in f_clfs:
-            corr = (real_f[name]["flag"][ry == 1], real_f[name]["flag"][ry == 0])
-            bias[variant][name] = bias_block(table[sel].reset_index(drop=True), gen_f[name]["flag"][sel], attrs, a, corr)
-    first = f_clfs[0][0]
-    shift = {name: shift_block(table, gen_f[name]["flag"], attrs, a) for name, _, _ in f_clfs}
-    hall = hallucination_block(gen_h, real_h, r_df[hallucinated].to_numpy(), table, r_df, attrs, a)
-    validity = validity_block(gen_f, table, real_f, r_df, finding, attrs, a)
-    composition = {attr: {str(k): int(v) for k, v in r_df[attr].value_counts(dropna=False).items()} for attr in attrs
-                   if attr in r_df}
-    metrics = {
-        "kind": "audit", "name": a.get("name"), "generator": gen.describe(), "finding": finding,
-        "hallucinated": hallucinated, "n_generated": int(len(table)), "n_pairs": int(table["pair_id"].nunique()),
-        "n_real": int(len(r_df)), "min_cell": int(a["min_cell"]),
-        "classifiers": {n: {**c.describe(), "finding": finding} for n, c, _ in f_clfs}
-        | {n: {**c.describe(), "finding": hallucinated} for n, c, _ in h_clfs},
-        "fitted": {"classifiers": "their own training runs; decision rule p >= 0.5 of the calibrated probability",
-                   "corrections": f"sensitivity and false-positive rate on the audit's real images ({a['real'].get('split', 'test')} split)"},
-        "bias": bias["demographic"][first], "bias_neutral": bias["neutral"][first],
-        "bias_by_classifier": bias, "selection_rate_shift": shift[first], "selection_rate_shift_by_classifier": shift,
-        "hallucination": hall, "validity": validity,
-        "training_data": gen.training_composition(), "real_data": {"composition": composition},
-    }
-    if "truth_finding" in table:  # known truth (phantom generator): what the audit should recover
-        metrics["truth"] = truth_block(table, attrs, a)
+    t_cls = time.perf_counter() - t0 - t_gen
+    metrics = {"kind": "audit", "name": a.get("name"), "generator": gen.describe(),
+               "classifiers": {n: {**c.describe(), "finding": finding} for n, c, _ in f_clfs}
+               | {n: {**c.describe(), "finding": hallucinated} for n, c, _ in h_clfs},
+               **audit_metrics(table, gen_f, gen_h, r_df, real_f, real_h, finding, hallucinated, attrs, a),
+               "training_data": gen.training_composition()}
+    metrics["seconds"] = {"generation" if gen.kind != "folder" else "loading": t_gen,
+                          "classifiers": t_cls, "statistics": time.perf_counter() - t0 - t_gen - t_cls,
+                          "total": time.perf_counter() - t0}
     write_json(out_dir / "metrics" / "audit.json", metrics)
     gen_rows = table.drop(columns=[c for c in table.columns if c == "image"]).copy()
     for name in gen_f:
@@ -319,10 +305,45 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     write_csv(out_dir / "tables" / "bias_groups.csv", pd.DataFrame(rows))
     write_csv(out_dir / "tables" / "selection_rate_shift.csv", pd.DataFrame(_flat("shift", metrics["selection_rate_shift"])))
     write_csv(out_dir / "tables" / "hallucination_groups.csv", pd.DataFrame(
-        [r for attr, g in hall["by_group"].items() for r in _flat(attr, g)]))
+        [r for attr, g in metrics["hallucination"]["by_group"].items() for r in _flat(attr, g)]))
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg.audit, resolve=True).encode())
     log.info(f"audit written to {out_dir}")
     return metrics
+
+
+def audit_metrics(table: pd.DataFrame, gen_f: dict[str, dict[str, np.ndarray]], gen_h: dict[str, dict[str, np.ndarray]],
+                  r_df: pd.DataFrame, real_f: dict[str, dict[str, np.ndarray]], real_h: dict[str, dict[str, np.ndarray]],
+                  finding: str, hallucinated: str, attrs: Sequence[str], a: Mapping[str, Any]) -> dict[str, Any]:
+    """Every figure of the audit from the classifiers' calls: ``gen_*`` / ``real_*`` map a classifier's
+    name to its ``p``, ``flag``, ``entropy``, ``mi`` on the generated images (rows of ``table``) and on the
+    real images (rows of ``r_df``); the first finding classifier is the headline of ``bias``."""
+    ry = r_df[finding].to_numpy()
+    names = list(gen_f)
+    bias: dict[str, Any] = {}
+    for variant in ("demographic", "neutral"):
+        sel = (table["variant"] == variant).to_numpy()
+        bias[variant] = {}
+        for name in names:
+            corr = (real_f[name]["flag"][ry == 1], real_f[name]["flag"][ry == 0])
+            bias[variant][name] = bias_block(table[sel].reset_index(drop=True), gen_f[name]["flag"][sel], attrs, a, corr)
+    first = names[0]
+    shift = {name: shift_block(table, gen_f[name]["flag"], attrs, a) for name in names}
+    validity = validity_block(gen_f, table, real_f, r_df, finding, attrs, a)
+    composition = {attr: {str(k): int(v) for k, v in r_df[attr].value_counts(dropna=False).items()} for attr in attrs
+                   if attr in r_df}
+    out = {
+        "finding": finding, "hallucinated": hallucinated, "n_generated": int(len(table)),
+        "n_pairs": int(table["pair_id"].nunique()), "n_real": int(len(r_df)), "min_cell": int(a["min_cell"]),
+        "fitted": {"classifiers": "their own training runs; decision rule p >= 0.5 of the calibrated probability",
+                   "corrections": "sensitivity and false-positive rate of each classifier on the audit's real images"},
+        "bias": bias["demographic"][first], "bias_neutral": bias["neutral"][first], "bias_by_classifier": bias,
+        "selection_rate_shift": shift[first], "selection_rate_shift_by_classifier": shift,
+        "hallucination": hallucination_block(gen_h, real_h, r_df[hallucinated].to_numpy(), table, r_df, attrs, a),
+        "validity": validity[first], "validity_by_classifier": validity,
+        "real_data": {"composition": composition}}
+    if "truth_finding" in table:  # known truth (phantom generator): what the audit should recover
+        out["truth"] = truth_block(table, attrs, a)
+    return out
 
 
 def truth_block(table: pd.DataFrame, attrs: Sequence[str], a: Mapping[str, Any]) -> dict[str, Any]:

@@ -102,13 +102,26 @@ def test_every_experiment_composes(experiment, tmp_path):
         for stage in ("base_vae", "base"):
             assert any(o.startswith("experiment=") for o in loop.overrides[stage])
         return
-    task = "ClassificationTask" if experiment.startswith(("tmv_", "minim_selector", "safegen_detector")) else "SegmentationTask"
+    task = ("ClassificationTask" if experiment.startswith(("tmv_", "minim_selector", "safegen_detector", "audit_"))
+            else "SegmentationTask")
     if experiment.startswith("minim") and task != "ClassificationTask":
         task = "AutoencoderTask" if experiment.endswith("_vae") else "GenerationTask"
     if experiment.startswith("safegen") and task != "ClassificationTask":
         task = "AnomalyTask"
     assert c.model._target_.endswith(task)
     instantiate(c.model.unet if task == "GenerationTask" else c.model.net, _convert_="all")  # sizes checked here
+
+
+@pytest.mark.parametrize("audit", names("audit"))
+def test_every_audit_config_composes_with_its_real_data(audit):
+    """evaluate.py audit=<name>: the audit's real images instantiate, and its classifier lists exist per finding."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        c = compose("evaluate", overrides=[f"audit={audit}"])
+    a = c.audit
+    assert {a.finding, a.hallucinated} <= set(a.classifiers) and a.folder
+    dm = instantiate(a.real.data)
+    assert dm.num_classes == 2 and set(a.real.findings) == {a.finding, a.hallucinated}
 
 
 def test_default_config_is_the_phantom_segmenter():

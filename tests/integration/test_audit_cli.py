@@ -1,0 +1,112 @@
+"""``python evaluate.py audit=phantom``: the audit end to end with tiny classifier runs (its figures are
+checked on known truth in tests/unit/audit; here: the command, its files, and what bad input gets)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.conftest import run_script
+
+TINY_CLS = ["data.source.n_images=100", "data.source.size=32", "data.image_size=[32,32]", "trainer.max_epochs=1",
+            "model.net.backbone=resnet10t", "model.mc_samples=3", "logger=csv", "data.splits.calibration_fraction=0.2"]
+TINY_AUDIT = ["audit.generator.size=32", "audit.prompts.per_cell=4", "audit.real.data.source.n_images=160",
+              "audit.real.data.source.size=32", "audit.real.data.image_size=[32,32]", "audit.min_cell=8",
+              "audit.n_boot=200", "audit.n_perm=200"]
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit_clf")
+    runs = {}
+    for name, exp, extra in (("pn", "audit_pneumonia", []), ("cv", "audit_covid", []), ("cv2", "audit_covid", ["seed=3"])):
+        runs[name] = root / name
+        run_script("train.py", f"experiment={exp}", *TINY_CLS, *extra, f"hydra.run.dir={runs[name]}", timeout=900)
+    return runs
+
+
+def _audit(classifiers, out: Path, *extra: str, check: bool = True, pn: str | None = None, cv: str | None = None):
+    pn = pn or f"[{classifiers['pn']}]"
+    cv = cv or f"[{classifiers['cv']},{classifiers['cv2']}]"
+    return run_script("evaluate.py", "audit=phantom", f"audit.classifiers.pneumonia={pn}", f"audit.classifiers.covid={cv}",
+                      *TINY_AUDIT, *extra, f"hydra.run.dir={out}", check=check, timeout=900)
+
+
+def test_the_audit_writes_its_figures_and_tables(classifiers, tmp_path):
+    out = tmp_path / "audit"
+    _audit(classifiers, out, "audit.generator.inject.hallucination=0.4", "audit.generator.inject.tpr={race: {Hispanic: 0.5}}")
+    m = json.loads((out / "metrics" / "audit.json").read_text())
+    assert m["n_generated"] == 2 * 4 * 3 * 4 * 2 and m["n_pairs"] == m["n_generated"] // 2
+    assert {"rate", "real_rate", "excess", "excess_ci"} <= set(m["hallucination"])
+    assert set(m["hallucination"]["per_classifier"]) == {"cv#0", "cv2#1"}
+    for attr in ("sex", "race", "age_group", "sex&race"):
+        assert {"gap", "gap_ci", "p"} <= set(m["bias"][attr]) and set(m["bias"][attr]["metrics"]) == {
+            "tpr", "fpr", "selection_rate", "accuracy"}
+    assert "race=Hispanic" in m["selection_rate_shift"] and "sex=F&race=Hispanic" in m["selection_rate_shift"]
+    assert {"real", "synthetic"} <= set(m["validity"]["pneumonia"]["sex=F"])
+    # 4 prompts per sex x race x age cell: an intersection of sex and race has 12 per variant, 6 asking
+    cells = m["bias"]["sex&race"]["metrics"]["tpr"]["groups"]
+    assert all(c == {"status": "insufficient", "n": 6} for c in cells.values())
+    assert m["truth"]["drawn.race"]["White"] == 1.0 and m["truth"]["drawn.race"]["Hispanic"] < 1.0
+    for t in ("generated", "real", "bias_groups", "selection_rate_shift", "hallucination_groups"):
+        assert (out / "tables" / f"{t}.csv").is_file(), t
+    gen = pd.read_csv(out / "tables" / "generated.csv")
+    assert len(gen) == m["n_generated"] and {"truth_finding", "truth_hallucination", "flag_covid:cv#0"} <= set(gen.columns)
+    assert json.loads((out / "run.json").read_text())["kind"] == "audit"
+    # the same command and seeds give the same figures; a finished audit folder is never written over
+    again = tmp_path / "again"
+    _audit(classifiers, again, "audit.generator.inject.hallucination=0.4", "audit.generator.inject.tpr={race: {Hispanic: 0.5}}")
+    m2 = json.loads((again / "metrics" / "audit.json").read_text())
+    assert m2["bias"] == m["bias"] and m2["hallucination"] == m["hallucination"]
+    proc = _audit(classifiers, out, check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stdout + proc.stderr
+
+
+def _folder(tmp_path: Path, drop: str | None = None) -> Path:
+    folder = tmp_path / "gen"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for k in range(4):
+        Image.fromarray((np.random.default_rng(k).random((32, 32)) * 255).astype("uint8")).save(folder / "images" / f"{k}.png")
+        rows.append({"file": f"images/{k}.png", "prompt": "Chest X-ray.", "variant": ["demographic", "neutral"][k % 2],
+                     "pair_id": k // 2, "asked": 1, "sex": "F", "race": "White", "age_group": "<40"})
+    df = pd.DataFrame(rows)
+    (df.drop(columns=[drop]) if drop else df).to_csv(folder / "generated.csv", index=False)
+    return folder
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("not the finding", {"cv": "pn"}, "do not include the audited finding 'covid'"),
+    ("twice", {"cv": "cv,cv"}, "listed twice; the audit needs independent classifiers"),
+    ("preprocessing", ["audit.generator.size=48"], "its preprocessing does not match"),
+    ("no csv", ["audit.generator.kind=folder", "audit.generator.folder={folder}", "audit.generator.csv={folder}/nope.csv"],
+     "needs the CSV of their prompts and intended attributes"),
+    ("attribute", ["audit.generator.kind=folder", "audit.generator.folder={folder_norace}"],
+     "missing column(s) ['race']; every prompt must carry its declared attributes"),
+    ("unknown key", ["+audit.colour=blue"], "audit: unknown key(s) ['colour']"),
+])
+def test_bad_input_is_refused_with_a_message(classifiers, tmp_path, case, args, message):
+    folder, norace = _folder(tmp_path / "a"), _folder(tmp_path / "b", drop="race")
+    kw = {}
+    if isinstance(args, dict):
+        kw = {k: "[" + ",".join(str(classifiers[x]) for x in v.split(",")) + "]" for k, v in args.items()}
+        args = []
+    args = [a.format(folder=folder, folder_norace=norace) for a in args]
+    proc = _audit(classifiers, tmp_path / "out", *args, check=False, **kw)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-2000:]
+    assert not (tmp_path / "out" / "metrics" / "audit.json").exists()
+
+
+def test_a_folder_of_generated_images_is_audited_from_its_csv(classifiers, tmp_path):
+    folder = _folder(tmp_path)
+    out = tmp_path / "audit"
+    _audit(classifiers, out, "audit.generator.kind=folder", f"audit.generator.folder={folder}")
+    m = json.loads((out / "metrics" / "audit.json").read_text())
+    assert m["n_generated"] == 4 and m["generator"]["kind"] == "folder" and "truth" not in m
+    assert m["training_data"]["status"] == "unknown"
+    assert m["hallucination"]["status"] == "insufficient" and m["hallucination"]["n"] == 4
