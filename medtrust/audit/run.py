@@ -307,7 +307,10 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     write_csv(out_dir / "tables" / "hallucination_groups.csv", pd.DataFrame(
         [r for attr, g in metrics["hallucination"]["by_group"].items() for r in _flat(attr, g)]))
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg.audit, resolve=True).encode())
-    log.info(f"audit written to {out_dir}")
+    from medtrust.report.html import build_run_report
+
+    build_run_report(out_dir, title=f"medtrust audit ({a.get('name')})")
+    log.info(f"audit written to {out_dir}  report: {out_dir / 'report' / 'index.html'}")
     return metrics
 
 

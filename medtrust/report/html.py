@@ -117,6 +117,8 @@ def task_for_folder(run_dir: Path) -> type | None:
     from medtrust.runs.builders import task_class
 
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    if info.get("kind") == "audit":  # an audit has classifier runs, not one task
+        return None
     for cand in [run_dir, info.get("run_dir"), *(info.get("run_dirs") or []), *(info.get("ensemble_runs") or [])]:
         if cand and (Path(cand) / ".hydra" / "config.yaml").is_file() and (Path(cand) / "run.json").is_file():
             try:
@@ -239,7 +241,8 @@ def _figures(run_dir: Path) -> list[dict[str, Any]]:
         return []
     return [{"folder": str(folder.relative_to(root)),
              "images": [{"path": p, "caption": p.stem.replace("_", " ")} for p in sorted(folder.glob("*.png"))]}
-            for folder in sorted({p.parent for p in root.rglob("*.png")})]
+            for folder in sorted({p.parent for p in root.rglob("*.png")})
+            if folder.relative_to(root).parts[:1] != ("audit",)]  # shown by the audit section itself
 
 
 def build_run_report(run_dir: str | Path, task: Any = None, title: str | None = None) -> Path:
@@ -265,6 +268,11 @@ def build_run_report(run_dir: str | Path, task: Any = None, title: str | None = 
         sections.append(S("metrics.html.j2", {"rows": _metric_rows(metrics), "data": _data_rows(metrics)}))
     if cls is not None:
         sections += cls.report_sections(run_dir, metrics)
+    audit_json = run_dir / "metrics" / "audit.json"
+    if audit_json.is_file():  # an audit folder (evaluate.py audit=<name>)
+        from medtrust.report.audit import audit_sections
+
+        sections += audit_sections(run_dir, json.loads(audit_json.read_text()))
     subgroups = _subgroups(metrics)
     if subgroups:
         sections.append(S("subgroups.html.j2", {"splits": subgroups}))

@@ -57,6 +57,10 @@ def test_the_audit_writes_its_figures_and_tables(classifiers, tmp_path):
     gen = pd.read_csv(out / "tables" / "generated.csv")
     assert len(gen) == m["n_generated"] and {"truth_finding", "truth_hallucination", "flag_covid:cv#0"} <= set(gen.columns)
     assert json.loads((out / "run.json").read_text())["kind"] == "audit"
+    html = (out / "report" / "index.html").read_text()
+    assert "Audit of a generator" in html and "Selection-rate shift" in html and html.count("data:image/png") == 3
+    assert {p.name for p in (out / "figures" / "audit").glob("*.png")} == {
+        "tpr_by_group.png", "selection_rate_shift.png", "hallucination_by_group.png"}
     # the same command and seeds give the same figures; a finished audit folder is never written over
     again = tmp_path / "again"
     _audit(classifiers, again, "audit.generator.inject.hallucination=0.4", "audit.generator.inject.tpr={race: {Hispanic: 0.5}}")
