@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from medtrust.audit.generators import FolderGenerator, PhantomGenerator
+from medtrust.audit.generators import FolderGenerator, PhantomGenerator, PipelineGenerator, RunGenerator
 from medtrust.audit.prompts import build_prompt_set, check_prompt_table
 from medtrust.evaluation.run_classifier import RunClassifier
 from medtrust.metrics.audit import disparity, excess_rate, kappa_agreement, paired_shift, rate
@@ -34,7 +34,7 @@ from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-AUDIT_KEYS = {"name", "folder", "generator", "prompts", "finding", "hallucinated", "classifiers", "real", "resize", "min_cell",
+AUDIT_KEYS = {"selector", "name", "folder", "generator", "prompts", "finding", "hallucinated", "classifiers", "real", "resize", "min_cell",
               "n_boot", "n_perm", "seed", "intersections", "consensus", "batch_size"}
 
 
@@ -42,7 +42,8 @@ def _plain(x: Any) -> Any:
     return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
 
 
-def build_generator(g: Mapping[str, Any], finding: str, hallucinated: str) -> Any:
+def build_generator(g: Mapping[str, Any], finding: str, hallucinated: str, attributes: list[str] | None = None,
+                    batch_size: int = 16) -> Any:
     kind = str(g.get("kind"))
     if kind == "phantom":
         return PhantomGenerator(int(g.get("size", 64)), int(g.get("seed", 0)), finding, hallucinated, g.get("inject"))
@@ -50,7 +51,16 @@ def build_generator(g: Mapping[str, Any], finding: str, hallucinated: str) -> An
         if not g.get("folder"):
             raise ValueError("audit.generator.kind=folder needs audit.generator.folder=<generated images>")
         return FolderGenerator(g["folder"], g.get("csv"))
-    raise ValueError(f"audit.generator.kind={kind!r}; expected phantom or folder")
+    if kind == "run":
+        if not g.get("run"):
+            raise ValueError("audit.generator.kind=run needs audit.generator.run=<generator run folder>")
+        return RunGenerator(g["run"], str(g.get("checkpoint") or "best"), g.get("lora"), g.get("sampling"), batch_size,
+                            attributes)
+    if kind == "pipeline":
+        if not g.get("folder"):
+            raise ValueError("audit.generator.kind=pipeline needs audit.generator.folder=<save_pretrained folder>")
+        return PipelineGenerator(g["folder"], g.get("sampling"), batch_size)
+    raise ValueError(f"audit.generator.kind={kind!r}; expected phantom, run, pipeline or folder")
 
 
 def load_classifiers(runs: Sequence[str] | None, finding: str, key: str, resize: bool, seed: int) -> list[tuple[str, RunClassifier, int]]:
@@ -261,7 +271,7 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     claim_run_dir(out_dir, {"kind": "audit", "audit": a.get("name")})
     finding, hallucinated = str(a["finding"]), str(a["hallucinated"])
     attrs = list(dict(a["prompts"]["attributes"]))
-    gen = build_generator(dict(a["generator"]), finding, hallucinated)
+    gen = build_generator(dict(a["generator"]), finding, hallucinated, attrs, int(a.get("batch_size", 16)))
     gen.check_attributes(attrs)
     if isinstance(gen, FolderGenerator):
         prompts = gen.table()
@@ -275,6 +285,15 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     images, table = gen.generate(prompts)
     t_gen = time.perf_counter() - t0
+    sel_cfg = dict(a.get("selector") or {})
+    if sel_cfg.get("run"):  # a quality selector run scores every generated image; kept = score >= min_score
+        from medtrust.generation.selector import Selector
+
+        if sel_cfg.get("min_score") is None:
+            raise ValueError("audit.selector.run needs audit.selector.min_score (the score an image must reach to be kept)")
+        selector = Selector.from_run(str(sel_cfg["run"]), seed=int(sel_cfg.get("seed", 0)))
+        score, _ = selector.score(images, str(sel_cfg.get("score", "expected")))
+        table["selector_score"], table["kept"] = score, (score >= float(sel_cfg["min_score"])).astype(int)
     log.info(f"audit: {len(table)} generated images ({gen.kind}), {table['pair_id'].nunique()} counterfactual pairs")
     r_images, r_df = real_images(dict(a["real"]), [finding, hallucinated], attrs)
     gen_f = predict(f_clfs, images, "audit generated images")
@@ -287,6 +306,10 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                | {n: {**c.describe(), "finding": hallucinated} for n, c, _ in h_clfs},
                **audit_metrics(table, gen_f, gen_h, r_df, real_f, real_h, finding, hallucinated, attrs, a),
                "training_data": gen.training_composition()}
+    kept_src = prompts if isinstance(gen, FolderGenerator) and "kept" in prompts else table if "kept" in table else None
+    if kept_src is not None:
+        metrics["selector"] = selector_block(kept_src, attrs, a, "the kept images only (the folder holds no others)"
+                                             if isinstance(gen, FolderGenerator) else "every generated image (kept or not)")
     metrics["seconds"] = {"generation" if gen.kind != "folder" else "loading": t_gen,
                           "classifiers": t_cls, "statistics": time.perf_counter() - t0 - t_gen - t_cls,
                           "total": time.perf_counter() - t0}
@@ -347,6 +370,17 @@ def audit_metrics(table: pd.DataFrame, gen_f: dict[str, dict[str, np.ndarray]], 
     if "truth_finding" in table:  # known truth (phantom generator): what the audit should recover
         out["truth"] = truth_block(table, attrs, a)
     return out
+
+
+def selector_block(df: pd.DataFrame, attrs: Sequence[str], a: Mapping[str, Any], figures_on: str) -> dict[str, Any]:
+    """What the quality selector's keep / reject does to the subgroup make-up (``kept`` column, 0/1):
+    per attribute each group's keep rate and its share among all and among kept images, with CIs
+    (resampling counterfactual pairs) and a chi-square test (:func:`medtrust.metrics.selection.kept_composition`)."""
+    from medtrust.metrics.selection import kept_composition
+
+    k = df.assign(kept=df["kept"].astype(str).isin(["1", "1.0", "True"]))
+    return {**kept_composition(k, list(attrs), kept="kept", cluster="pair_id", n_boot=int(a["n_boot"]),
+                               seed=int(a["seed"]), min_group_size=int(a["min_cell"])), "figures_on": figures_on}
 
 
 def truth_block(table: pd.DataFrame, attrs: Sequence[str], a: Mapping[str, Any]) -> dict[str, Any]:

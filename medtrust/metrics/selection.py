@@ -153,7 +153,8 @@ def kept_composition(df: pd.DataFrame, attributes: Sequence[str], kept: str = "k
                                      "recall": mtk / mt if mt else None, "recall_ci": wilson(mtk, mt)})
         table = pd.crosstab(g, k)
         p = None
-        if table.shape == (len(groups), 2) and len(groups) > 1 and (table.to_numpy() > 0).all():
+        # defined when every group and both outcomes occur (a zero cell is fine: its expected count is not 0)
+        if table.shape == (len(groups), 2) and len(groups) > 1 and (table.to_numpy().sum(0) > 0).all():
             p = float(chi2_contingency(table.to_numpy())[1])
         big = {name: v for name, v in groups.items() if v["n"] >= min_group_size}
         rates = [v["keep_rate"] for v in big.values()]

@@ -113,3 +113,36 @@ def test_train_false_evaluates_what_training_would_start_from_including_the_vae_
     own, other = (json.loads((tmp_path / r / "metrics" / "val.json").read_text())["generation"]["overall"]
                   for r in ("own", "other"))
     assert own["fid"] != other["fid"]
+
+
+def test_the_audit_samples_a_generator_run_and_its_pipeline_folder_alike(generator_run, tmp_path):
+    """evaluate.py audit=phantom with audit.generator.kind=run (and =pipeline on its save_pretrained folder):
+    counterfactual pairs share their initial noise, the training data's make-up is reported, and a run and
+    its exported pipeline give the same figures. Tiny classifier runs; the generator's RGB 32 px images are
+    brought to their 1 channel with audit.resize=true."""
+    clf = ["data.source.n_images=60", "data.drop_last=true", "data.source.size=32", "data.image_size=[32,32]", "trainer.max_epochs=1",
+           "model.net.backbone=resnet10t", "model.mc_samples=2", "logger=csv", "threads=1"]
+    for name, exp in (("pn", "audit_pneumonia"), ("cv", "audit_covid")):
+        run_script("train.py", f"experiment={exp}", *clf, f"hydra.run.dir={tmp_path / name}")
+    run_script("generate.py", f"run_dir={generator_run}", f"save_pretrained={tmp_path / 'pipe'}", "threads=1")
+    audit = ["audit=phantom", f"audit.classifiers.pneumonia=[{tmp_path / 'pn'}]", f"audit.classifiers.covid=[{tmp_path / 'cv'}]",
+             "audit.prompts.per_cell=2", "~audit.prompts.attributes",
+             "+audit.prompts.attributes={sex: {F: female, M: male}, age_group: {young: young, old: elderly}}",
+             "audit.prompts.template='chest X-ray of a {age_group} {sex} patient. {finding}'",
+             "audit.real.data.source.n_images=80", "audit.real.data.source.size=32", "audit.real.data.image_size=[32,32]",
+             "audit.resize=true", "audit.min_cell=4", "audit.n_boot=100", "audit.n_perm=100", "threads=1"]
+    run_script("evaluate.py", *audit, "audit.generator.kind=run", f"audit.generator.run={generator_run}",
+               f"hydra.run.dir={tmp_path / 'a_run'}")
+    run_script("evaluate.py", *audit, "audit.generator.kind=pipeline", f"audit.generator.folder={tmp_path / 'pipe'}",
+               "audit.generator.sampling.steps=3", "audit.generator.sampling.guidance=5.0",  # the run's sampling
+               f"hydra.run.dir={tmp_path / 'a_pipe'}")
+    m = json.loads((tmp_path / "a_run" / "metrics" / "audit.json").read_text())
+    assert m["generator"]["kind"] == "run" and m["n_generated"] == 2 * 2 * 2 * 2 and "truth" not in m
+    t = m["training_data"]
+    assert t["status"] == "ok" and set(t["attributes"]["sex"]["counts"]) == {"F", "M"}
+    assert sum(t["attributes"]["sex"]["counts"].values()) == t["n_train"]
+    gen = pd.read_csv(tmp_path / "a_run" / "tables" / "generated.csv")
+    assert (gen.groupby("pair_id").seed.nunique() == 1).all()
+    p = json.loads((tmp_path / "a_pipe" / "metrics" / "audit.json").read_text())
+    assert p["generator"]["kind"] == "pipeline" and p["training_data"]["status"] == "unknown"
+    assert p["hallucination"]["rate"] == m["hallucination"]["rate"]

@@ -10,7 +10,7 @@ import torch
 
 from medtrust.audit.generators import PhantomGenerator
 from medtrust.audit.prompts import build_prompt_set, check_prompt_table
-from medtrust.audit.run import audit_metrics
+from medtrust.audit.run import audit_metrics, selector_block
 
 PROMPTS = {
     "attributes": {"sex": {"F": "female", "M": "male"},
@@ -137,3 +137,16 @@ def test_small_cells_are_insufficient_never_rates():
     tpr = m["bias"]["sex&race"]["metrics"]["tpr"]["groups"]
     assert all(g == {"status": "insufficient", "n": 3} for g in tpr.values())
     assert m["bias"]["sex&race"]["gap"] is None
+
+
+def test_the_selector_audit_recovers_an_injected_keep_rate_gap():
+    """A selector that keeps women's images 70 % of the time and men's always: the audit's keep-rate gap
+    and the shift in women's share of the kept images say so, with a chi-square p."""
+    df = build_prompt_set({**PROMPTS, "per_cell": 40})
+    _, t = PhantomGenerator(size=16, inject={"keep": {"sex": {"F": 0.7}}}).generate(df)
+    s = selector_block(t, ["sex", "race"], A, "every generated image (kept or not)")
+    sex = s["attributes"]["sex"]
+    assert sex["chi2_p"] < 1e-4 and sex["keep_rate_gap"] == pytest.approx(0.3, abs=0.06)
+    assert sex["groups"]["M"]["keep_rate"] == 1.0 and sex["groups"]["F"]["share_kept"] < 0.5
+    assert s["attributes"]["race"]["chi2_p"] > 0.001  # race was not targeted
+    assert "kept" not in PhantomGenerator(size=16).generate(df.head(4))[1]
