@@ -31,6 +31,11 @@ Rows:
   gen_samplers    (not in the default set) s/image and FID with a bootstrap CI of DDIM 50 / DDIM 25 /
                   DPM-Solver++ 10 on the test prompts of --generator-run <experiment=minim run>, judged
                   by its evaluator/ or by --gen-evaluator <an evaluate.py refit=true folder>'s.
+  audit_time      (not in the default set) seconds of the audit (evaluate.py audit=phantom's steps) for ~1,000
+                  generated images (1,008: 21 prompts per sex x race x age cell, with and without demographic
+                  terms): generation alone (the phantom generator; with --generator-run also that generator
+                  run at its own sampling settings), the classifiers (--audit-pneumonia, --audit-covid runs) on
+                  the generated and the real images, and the statistics; with and without generation.
   seg_flops       achieved FLOP/s of one Attention U-Net training step (counted with
                   torch.utils.flop_counter) as a fraction of this machine's fp32 matmul FLOP/s,
                   both measured in this run.
@@ -636,12 +641,56 @@ def row_anomaly_steps(args) -> dict:
     return out
 
 
+def row_audit_time(args) -> dict:
+    """The audit's cost for ~1,000 generated images (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    from medtrust.audit.generators import PhantomGenerator, RunGenerator
+    from medtrust.audit.prompts import build_prompt_set
+    from medtrust.audit.run import audit_metrics, load_classifiers, predict, real_images
+
+    if not (args.audit_pneumonia and args.audit_covid):
+        raise SystemExit("--rows audit_time needs --audit-pneumonia <run> and --audit-covid <run> [<run> ...]")
+    torch.set_num_threads(2)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["audit=phantom", "audit.prompts.per_cell=21"])
+    a = OmegaConf.to_container(cfg.audit, resolve=True)
+    fnd, hal, attrs = a["finding"], a["hallucinated"], list(a["prompts"]["attributes"])
+    f_clfs = load_classifiers([args.audit_pneumonia], fnd, "--audit-pneumonia", True, 0)
+    h_clfs = load_classifiers(list(args.audit_covid), hal, "--audit-covid", True, 0)
+    prompts = build_prompt_set(a["prompts"])
+    t = time.perf_counter()
+    r_img, r_df = real_images(a["real"], [fnd, hal], attrs)
+    real_f, real_h = predict(f_clfs, r_img, "real"), predict(h_clfs, r_img, "real")
+    real_s = time.perf_counter() - t
+    out = {"row": "audit_time", "generated_images": len(prompts), "real_images": len(r_df),
+           "classifiers": len(f_clfs) + len(h_clfs), "real_images_s": round(real_s, 1)}
+    gens = [("phantom", PhantomGenerator(int(a["generator"]["size"]), 0, fnd, hal, {"hallucination": 0.2}))]
+    if args.generator_run:
+        gens.append(("generator_run", RunGenerator(args.generator_run, attributes=attrs)))
+    for name, gen in gens:
+        pr = prompts.assign(modality="cxr")
+        t = time.perf_counter()
+        images, table = gen.generate(pr)
+        t_gen = time.perf_counter() - t
+        gen_f, gen_h = predict(f_clfs, images, "generated"), predict(h_clfs, images, "generated")
+        t_cls = time.perf_counter() - t - t_gen
+        audit_metrics(table, gen_f, gen_h, r_df, real_f, real_h, fnd, hal, attrs, a)
+        t_all = time.perf_counter() - t
+        out.update({f"{name}_generation_s": round(t_gen, 1), f"{name}_classifiers_s": round(t_cls, 1),
+                    f"{name}_statistics_s": round(t_all - t_gen - t_cls, 1),
+                    f"{name}_without_generation_s": round(t_all - t_gen + real_s, 1),
+                    f"{name}_with_generation_s": round(t_all + real_s, 1)})
+        print(f"audit_time {name}: {out}", flush=True)
+    return out
+
+
 ROWS = {"seg_throughput": row_seg_throughput, "seg_flops": row_seg_flops, "seg_dropout": row_seg_dropout,
         "mc_dropout": row_mc_dropout, "scorecam": row_scorecam, "xai_callback": row_xai_callback,
         "wandb_overhead": row_wandb_overhead, "ddp": row_ddp, "gen_throughput": row_gen_throughput,
         "lora_step": row_lora_step, "gen_bf16": row_gen_bf16, "gen_samplers": row_gen_samplers,
-        "anomaly_steps": row_anomaly_steps}
-DEFAULT_ROWS = [r for r in ROWS if r not in ("gen_samplers", "anomaly_steps")]  # these need a trained run
+        "anomaly_steps": row_anomaly_steps, "audit_time": row_audit_time}
+DEFAULT_ROWS = [r for r in ROWS if r not in ("gen_samplers", "anomaly_steps", "audit_time")]  # these need trained runs
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -657,6 +706,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--anomaly-clean", type=int, default=40, help="anomaly_steps: clean test images")
     p.add_argument("--anomaly-fit-images", type=int, default=60, help="anomaly_steps: clean calibration images the "
                    "statistics of every setting are fitted on")
+    p.add_argument("--audit-pneumonia", default=None, help="audit_time: an experiment=audit_pneumonia run")
+    p.add_argument("--audit-covid", nargs="+", default=None, help="audit_time: experiment=audit_covid run(s)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each loop")
     p.add_argument("--flop-steps", type=int, default=5)

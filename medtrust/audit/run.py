@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from medtrust.audit.generators import FolderGenerator, PhantomGenerator, PipelineGenerator, RunGenerator
 from medtrust.audit.prompts import build_prompt_set, check_prompt_table
 from medtrust.evaluation.run_classifier import RunClassifier
-from medtrust.metrics.audit import disparity, excess_rate, kappa_agreement, paired_shift, rate
+from medtrust.metrics.audit import disparity, kappa_agreement, paired_shift, rate, standardised_excess
 from medtrust.metrics.calibration import compute_binary_ece
 from medtrust.runs.rundir import claim_run_dir
 from medtrust.utils.io import atomic_write_bytes, write_csv, write_json
@@ -181,9 +181,11 @@ def shift_block(df: pd.DataFrame, flags: np.ndarray, attrs: Sequence[str], a: Ma
 
 def hallucination_block(gen: dict[str, dict[str, np.ndarray]], real: dict[str, dict[str, np.ndarray]],
                         truth_real: np.ndarray, gen_df: pd.DataFrame, real_df: pd.DataFrame, attrs: Sequence[str],
-                        a: Mapping[str, Any]) -> dict[str, Any]:
+                        a: Mapping[str, Any], finding_real: np.ndarray | None = None) -> dict[str, Any]:
     """The hallucinated finding's flag rate on generated images as an excess over real images without it,
-    per classifier and for the consensus of the classifiers, overall and per subgroup."""
+    per classifier and for the consensus of the classifiers, overall and per subgroup; standardised over
+    what the prompts asked for (the audited finding or not) against real images with / without it
+    (:func:`medtrust.metrics.audit.standardised_excess`)."""
     kw = dict(min_n=int(a["min_cell"]), n_boot=int(a["n_boot"]), seed=int(a["seed"]))
     names = list(gen)
     rule = str(a.get("consensus", "majority"))
@@ -196,23 +198,32 @@ def hallucination_block(gen: dict[str, dict[str, np.ndarray]], real: dict[str, d
 
     known = ~np.isnan(truth_real)
     neg, pos = known & (truth_real == 0), known & (truth_real == 1)
-    per = {n: excess_rate(gen[n]["flag"], real[n]["flag"][neg], real[n]["flag"][pos], **kw) for n in names}
+    asked = gen_df["asked"].astype(int).to_numpy()
+    fr = np.full(len(real_df), -1) if finding_real is None else np.nan_to_num(finding_real, nan=-1).astype(int)
+
+    def excess(g: np.ndarray, r: np.ndarray, gsel: np.ndarray, rsel: np.ndarray) -> dict[str, Any]:
+        strata = ("asked", "not asked")
+        return standardised_excess({s: g[gsel & (asked == v)] for s, v in zip(strata, (1, 0))},
+                                   {s: r[rsel & neg & (fr == v)] for s, v in zip(strata, (1, 0))},
+                                   {s: r[rsel & pos & (fr == v)] for s, v in zip(strata, (1, 0))}, **kw)
+
+    every_g, every_r = np.ones(len(gen_df), bool), np.ones(len(real_df), bool)
+    per = {n: excess(gen[n]["flag"], real[n]["flag"], every_g, every_r) for n in names}
     cg, cr = consensus(gen), consensus(real)
-    top = excess_rate(cg, cr[neg], cr[pos], **kw)
+    top = excess(cg, cr, every_g, every_r)
     by_group: dict[str, Any] = {}
     for attr in attrs:
         by_group[attr] = {}
-        gkey, rkey = gen_df[attr].astype(str).to_numpy(), real_df[attr].astype(str).to_numpy() if attr in real_df else None
+        gkey = gen_df[attr].astype(str).to_numpy()
+        rkey = real_df[attr].astype(str).to_numpy() if attr in real_df else None
         for v in sorted(set(gkey)):
-            sel = gkey == v
             rsel = (rkey == v) if rkey is not None else np.zeros(len(real_df), bool)
             if (rsel & neg).sum() >= int(a["min_cell"]):
-                blk, base = excess_rate(cg[sel], cr[rsel & neg], cr[rsel & pos], **kw), "group"
-            else:  # this group is absent or too rare among the real images: the overall real rate is the baseline
-                blk, base = excess_rate(cg[sel], cr[neg], cr[pos], **kw), "overall"
-            by_group[attr][v] = {**blk, "baseline": base}
-    return {**top, "consensus": rule, "per_classifier": per, "agreement": kappa_agreement({n: gen[n]["flag"] for n in names}),
-            "by_group": by_group}
+                by_group[attr][v] = {**excess(cg, cr, gkey == v, rsel), "baseline": "group"}
+            else:  # this group is absent or too rare among the real images: all real images are the baseline
+                by_group[attr][v] = {**excess(cg, cr, gkey == v, every_r), "baseline": "overall"}
+    return {**top, "consensus": rule, "standardised_on": "the audited finding asked / not asked (real: present / absent)",
+            "per_classifier": per, "agreement": kappa_agreement({n: gen[n]["flag"] for n in names}), "by_group": by_group}
 
 
 def validity_block(gen: dict[str, dict[str, np.ndarray]], gen_df: pd.DataFrame, real: dict[str, dict[str, np.ndarray]],
@@ -364,7 +375,8 @@ def audit_metrics(table: pd.DataFrame, gen_f: dict[str, dict[str, np.ndarray]], 
                    "corrections": "sensitivity and false-positive rate of each classifier on the audit's real images"},
         "bias": bias["demographic"][first], "bias_neutral": bias["neutral"][first], "bias_by_classifier": bias,
         "selection_rate_shift": shift[first], "selection_rate_shift_by_classifier": shift,
-        "hallucination": hallucination_block(gen_h, real_h, r_df[hallucinated].to_numpy(), table, r_df, attrs, a),
+        "hallucination": hallucination_block(gen_h, real_h, r_df[hallucinated].to_numpy(), table, r_df, attrs, a,
+                                             r_df[finding].to_numpy(dtype=float)),
         "validity": validity[first], "validity_by_classifier": validity,
         "real_data": {"composition": composition}}
     if "truth_finding" in table:  # known truth (phantom generator): what the audit should recover

@@ -218,6 +218,66 @@ def excess_rate(generated: Sequence[float], real_negatives: Sequence[float], rea
     return out
 
 
+def standardised_excess(generated: Mapping[str, Sequence[float]], real_negatives: Mapping[str, Sequence[float]],
+                        real_positives: Mapping[str, Sequence[float]] | None = None, min_n: int = 10,
+                        n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """:func:`excess_rate` within strata of what the images were asked to show, directly standardised to
+    the generated images' make-up: ``excess = sum_s w_s (rate_s - real_rate_s)`` with ``w_s`` the share of
+    generated images in stratum ``s`` (e.g. prompts asking for pneumonia / not, against real images with /
+    without pneumonia). A classifier's false positives depend on what else an image shows (a COVID
+    classifier flags more images that show pneumonia), so an unstratified baseline with another make-up
+    would call that difference a hallucination. ``corrected`` is the standardised Rogan-Gladen estimate
+    ``sum_s w_s (rate_s - fpr_s) / (sens_s - fpr_s)``. ``p`` is the one-sided bootstrap p of excess <= 0.
+    A stratum without ``min_n`` real negatives (or positives, for the correction) uses all strata's real
+    images, and says so (``baseline``)."""
+    strata = [str(k) for k, v in generated.items() if len(_v(v))]
+    g = {k: _v(generated[k]) for k in strata}
+    n = sum(len(x) for x in g.values())
+    all_neg = np.concatenate([_v(x) for x in real_negatives.values()]) if real_negatives else np.zeros(0)
+    all_pos = (np.concatenate([_v(x) for x in real_positives.values()]) if real_positives else None)
+    if n < max(1, int(min_n)) or len(all_neg) < max(1, int(min_n)):
+        return {**insufficient(n), "n_real": int(len(all_neg))}
+    rng = np.random.default_rng(seed)
+    exc = np.zeros(n_boot)
+    corr = np.zeros(n_boot)
+    est, est_c, rows, ok_c = 0.0, 0.0, {}, all_pos is not None
+    for k in strata:
+        w = len(g[k]) / n
+        r = _v(real_negatives.get(k, []))
+        base = "stratum" if len(r) >= min_n else "all strata"
+        r = r if len(r) >= min_n else all_neg
+        bg, br = boot_means(g[k], n_boot, rng), boot_means(r, n_boot, rng)
+        exc += w * (bg - br)
+        est += w * (g[k].mean() - r.mean())
+        row = {"weight": w, "n": int(len(g[k])), "rate": float(g[k].mean()), "n_real": int(len(r)),
+               "real_rate": float(r.mean()), "baseline": base}
+        if ok_c:
+            pos = _v((real_positives or {}).get(k, []))
+            pos = pos if len(pos) >= min_n else all_pos
+            if pos is None or len(pos) < min_n or pos.mean() - r.mean() <= 0:
+                ok_c = False
+            else:
+                bs = boot_means(pos, n_boot, rng)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    corr += w * np.where(bs - br > 0, (bg - br) / (bs - br), np.nan)
+                est_c += w * (g[k].mean() - r.mean()) / (pos.mean() - r.mean())
+                row.update({"n_real_positive": int(len(pos)), "sensitivity": float(pos.mean())})
+        rows[k] = row
+    g_all = np.concatenate(list(g.values()))
+    out: dict[str, Any] = {
+        "status": "ok", "n": int(n), "n_real": int(len(all_neg)), "rate": float(g_all.mean()), "rate_ci": rate(g_all)["ci"],
+        "real_rate": float(sum(r["weight"] * r["real_rate"] for r in rows.values())),
+        "excess": float(est), "excess_ci": [float(np.quantile(exc, 0.025)), float(np.quantile(exc, 0.975))],
+        "p": float((1 + np.sum(exc <= 0)) / (1 + n_boot)), "strata": rows}
+    if all_pos is not None:
+        fin = corr[np.isfinite(corr)]
+        out.update({"corrected": float(est_c) if ok_c else None,
+                    "corrected_ci": ([float(np.quantile(fin, 0.025)), float(np.quantile(fin, 0.975))]
+                                     if ok_c and len(fin) >= n_boot // 2 else None),
+                    "sensitivity": float(all_pos.mean()) if len(all_pos) else None})
+    return out
+
+
 def kappa_agreement(flags: Mapping[str, Sequence[float]]) -> dict[str, Any]:
     """Agreement of several classifiers' 0/1 calls on the same images: Cohen's kappa of every pair and
     the share of images on which all agree."""

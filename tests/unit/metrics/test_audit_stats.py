@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medtrust.metrics.audit import disparity, excess_rate, kappa_agreement, paired_shift, rate
+from medtrust.metrics.audit import disparity, excess_rate, kappa_agreement, paired_shift, rate, standardised_excess
 
 
 def test_rate_is_wilson_and_small_cells_are_insufficient():
@@ -115,3 +115,23 @@ def test_agreement_of_classifiers():
     k = kappa_agreement({"c1": a, "c2": a, "c3": 1 - a})
     assert k["cohen_kappa"]["c1|c2"] == pytest.approx(1.0) and k["cohen_kappa"]["c1|c3"] == pytest.approx(-1.0)
     assert k["all_agree"] == 0.0
+
+
+def test_standardising_on_what_was_asked_removes_a_false_excess():
+    """A COVID classifier flags 8 % of images that show pneumonia and 0.5 % of the others, and there is no
+    hallucination. Generated images ask for pneumonia half of the time, real negatives show it 20 % of the
+    time: the plain excess calls the make-up difference a hallucination, the standardised one does not."""
+    rng = np.random.default_rng(5)
+    cover_plain, cover_std, reps = 0, 0, 150
+    for k in range(reps):
+        g = {"asked": (rng.random(500) < 0.08).astype(float), "not asked": (rng.random(500) < 0.005).astype(float)}
+        r = {"asked": (rng.random(200) < 0.08).astype(float), "not asked": (rng.random(800) < 0.005).astype(float)}
+        pos = {"asked": (rng.random(100) < 0.9).astype(float), "not asked": (rng.random(100) < 0.95).astype(float)}
+        plain = excess_rate(np.concatenate(list(g.values())), np.concatenate(list(r.values())), seed=k, n_boot=500)
+        std = standardised_excess(g, r, pos, seed=k, n_boot=500)
+        cover_plain += plain["excess_ci"][0] <= 0 <= plain["excess_ci"][1]
+        cover_std += std["excess_ci"][0] <= 0 <= std["excess_ci"][1] and std["corrected_ci"][0] <= 0 <= std["corrected_ci"][1]
+    assert cover_std / reps >= 0.9 and cover_plain / reps < 0.6
+    assert set(std["strata"]) == {"asked", "not asked"} and std["strata"]["asked"]["weight"] == 0.5
+    few = standardised_excess(g, {"asked": r["asked"][:3], "not asked": r["not asked"]}, None)
+    assert few["strata"]["asked"]["baseline"] == "all strata"
