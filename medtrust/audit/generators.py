@@ -58,6 +58,9 @@ class PhantomGenerator:
         if not 0 <= self.hallucination <= 1:
             raise ValueError(f"audit.generator.inject.hallucination={self.hallucination}; expected a probability in [0, 1]")
         self.size, self.seed, self.finding, self.hallucinated = int(size), int(seed), finding, hallucinated
+        # the renderer's stream of its own, never a phantom_cxr data seed (0, 1, ...): generated images must not
+        # repeat the anatomy of the classifiers' training images or of the real images
+        self.render_seed = int(seeded_rng(self.seed, "audit-generator-render").integers(1_000_000, 2**31 - 1))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "size": self.size, "seed": self.seed, "finding": self.finding,
@@ -85,7 +88,7 @@ class PhantomGenerator:
                     p *= m.get(str(row[a]), 1.0)
             d = bool(int(row["asked"])) and bool(u[0] < p)
             h = bool(u[1] < self.hallucination)
-            img, _ = render_cxr(self.seed, s % 2_000_000_000, self.size, pneumonia=d if self.finding == "pneumonia" else h,
+            img, _ = render_cxr(self.render_seed, s % 2_000_000_000, self.size, pneumonia=d if self.finding == "pneumonia" else h,
                                 covid=h if self.hallucinated == "covid" else d, patient_scale=0.85 + 0.3 * float(u[2]))
             imgs.append(torch.from_numpy(img).float().div(255)[None])
             drawn.append(int(d))

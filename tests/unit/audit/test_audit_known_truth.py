@@ -69,6 +69,7 @@ def test_the_phantom_generator_injects_what_it_is_told_and_keeps_pairs_identical
         i, j = pair.index
         same = bool(torch.equal(imgs[i], imgs[j]))
         assert same == (pair.truth_finding.nunique() == 1)
+    assert gen.render_seed >= 1_000_000  # never a phantom_cxr data seed: no anatomy shared with training or real images
     again, _ = PhantomGenerator(size=32, seed=0, inject={"tpr": {"race": {"Hispanic": 0.5}}, "hallucination": 0.4}).generate(df)
     assert torch.equal(imgs, again)
     with pytest.raises(ValueError, match="not prompt attributes"):
