@@ -199,13 +199,15 @@ def hallucination_block(gen: dict[str, dict[str, np.ndarray]], real: dict[str, d
     known = ~np.isnan(truth_real)
     neg, pos = known & (truth_real == 0), known & (truth_real == 1)
     asked = gen_df["asked"].astype(int).to_numpy()
+    pair = gen_df["pair_id"].astype(str).to_numpy()  # the two images of a pair share their noise: resampled together
     fr = np.full(len(real_df), -1) if finding_real is None else np.nan_to_num(finding_real, nan=-1).astype(int)
 
     def excess(g: np.ndarray, r: np.ndarray, gsel: np.ndarray, rsel: np.ndarray) -> dict[str, Any]:
         strata = ("asked", "not asked")
         return standardised_excess({s: g[gsel & (asked == v)] for s, v in zip(strata, (1, 0))},
                                    {s: r[rsel & neg & (fr == v)] for s, v in zip(strata, (1, 0))},
-                                   {s: r[rsel & pos & (fr == v)] for s, v in zip(strata, (1, 0))}, **kw)
+                                   {s: r[rsel & pos & (fr == v)] for s, v in zip(strata, (1, 0))},
+                                   clusters={s: pair[gsel & (asked == v)] for s, v in zip(strata, (1, 0))}, **kw)
 
     every_g, every_r = np.ones(len(gen_df), bool), np.ones(len(real_df), bool)
     per = {n: excess(gen[n]["flag"], real[n]["flag"], every_g, every_r) for n in names}

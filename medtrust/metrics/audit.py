@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.stats import binomtest, fisher_exact, norm
 
 INSUFFICIENT = "insufficient"
@@ -218,9 +219,23 @@ def excess_rate(generated: Sequence[float], real_negatives: Sequence[float], rea
     return out
 
 
+def boot_cluster_means(x: Sequence[float], clusters: Sequence[Any], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap resamples of the mean of ``x`` resampling whole clusters (e.g. the two images of a
+    counterfactual pair, which share their initial noise and can be identical): the ratio of resampled
+    cluster sums to resampled cluster sizes."""
+    a = _v(x)
+    if not len(a):
+        return np.full(n_boot, np.nan)
+    codes, _ = pd.factorize(pd.Series(list(clusters)), sort=False)
+    sums, sizes = np.bincount(codes, weights=a), np.bincount(codes).astype(float)
+    counts = rng.multinomial(len(sums), np.full(len(sums), 1 / len(sums)), size=n_boot)
+    return (counts @ sums) / (counts @ sizes)
+
+
 def standardised_excess(generated: Mapping[str, Sequence[float]], real_negatives: Mapping[str, Sequence[float]],
                         real_positives: Mapping[str, Sequence[float]] | None = None, min_n: int = 10,
-                        n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+                        n_boot: int = 2000, seed: int = 0,
+                        clusters: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Any]:
     """:func:`excess_rate` within strata of what the images were asked to show, directly standardised to
     the generated images' make-up: ``excess = sum_s w_s (rate_s - real_rate_s)`` with ``w_s`` the share of
     generated images in stratum ``s`` (e.g. prompts asking for pneumonia / not, against real images with /
@@ -228,6 +243,8 @@ def standardised_excess(generated: Mapping[str, Sequence[float]], real_negatives
     classifier flags more images that show pneumonia), so an unstratified baseline with another make-up
     would call that difference a hallucination. ``corrected`` is the standardised Rogan-Gladen estimate
     ``sum_s w_s (rate_s - fpr_s) / (sens_s - fpr_s)``. ``p`` is the one-sided bootstrap p of excess <= 0.
+    ``clusters`` (per stratum, one id per generated image) resamples generated images by cluster: the two
+    images of a counterfactual pair share their noise, so they are not independent.
     A stratum without ``min_n`` real negatives (or positives, for the correction) uses all strata's real
     images, and says so (``baseline``)."""
     strata = [str(k) for k, v in generated.items() if len(_v(v))]
@@ -246,7 +263,9 @@ def standardised_excess(generated: Mapping[str, Sequence[float]], real_negatives
         r = _v(real_negatives.get(k, []))
         base = "stratum" if len(r) >= min_n else "all strata"
         r = r if len(r) >= min_n else all_neg
-        bg, br = boot_means(g[k], n_boot, rng), boot_means(r, n_boot, rng)
+        bg = (boot_cluster_means(g[k], clusters[k], n_boot, rng) if clusters is not None
+              else boot_means(g[k], n_boot, rng))
+        br = boot_means(r, n_boot, rng)
         exc += w * (bg - br)
         est += w * (g[k].mean() - r.mean())
         row = {"weight": w, "n": int(len(g[k])), "rate": float(g[k].mean()), "n_real": int(len(r)),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medtrust.metrics.audit import disparity, excess_rate, kappa_agreement, paired_shift, rate, standardised_excess
+from medtrust.metrics.audit import (boot_cluster_means, boot_means, disparity, excess_rate, kappa_agreement, paired_shift,
+                                   rate, standardised_excess)
 
 
 def test_rate_is_wilson_and_small_cells_are_insufficient():
@@ -135,3 +136,15 @@ def test_standardising_on_what_was_asked_removes_a_false_excess():
     assert set(std["strata"]) == {"asked", "not asked"} and std["strata"]["asked"]["weight"] == 0.5
     few = standardised_excess(g, {"asked": r["asked"][:3], "not asked": r["not asked"]}, None)
     assert few["strata"]["asked"]["baseline"] == "all strata"
+
+
+def test_pairs_of_identical_images_are_resampled_together():
+    """Each image twice (a counterfactual pair the generator drew alike): resampling images would halve the
+    variance of the mean, resampling the pairs keeps it."""
+    rng = np.random.default_rng(6)
+    x = (rng.random(300) < 0.3).astype(float)
+    doubled, pairs = np.repeat(x, 2), np.repeat(np.arange(300), 2)
+    naive = boot_means(doubled, 4000, np.random.default_rng(0)).std()
+    clustered = boot_cluster_means(doubled, pairs, 4000, np.random.default_rng(0)).std()
+    single = boot_means(x, 4000, np.random.default_rng(0)).std()
+    assert clustered == pytest.approx(single, rel=0.1) and clustered / naive == pytest.approx(np.sqrt(2), rel=0.1)
