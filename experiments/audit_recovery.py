@@ -9,7 +9,7 @@ generator of ``conf/audit/phantom.yaml`` (its prompt set, real images and statis
 repetition ``r`` uses prompt and generator seed ``r`` (new prompts, images and draws) and a new real phantom data
 set (``audit.real.data.source.seed`` = 1000 + r, never the classifiers' seed 0): the real baseline is a sample too,
 and a coverage study that kept one real set would measure coverage conditional on that set's chance error
-(measured: with one fixed set the null excess was positive in 21 of 23 repetitions). ``--fixed-real`` keeps one.
+(measured: with one fixed set the null excess was positive in 20 of 23 repetitions). ``--fixed-real`` keeps one.
 The classifiers stay. Per setting it reports the mean recovered value (race TPR gap, raw and corrected for the
 classifier's Youden J; hallucination excess and corrected rate) and the share of repetitions whose 95 % CI
 covers the injected value (0 for "nothing injected"): the CI coverage, which should be near 95 %.
