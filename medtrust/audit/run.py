@@ -295,16 +295,17 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     clf_cfg = dict(a["classifiers"])
     f_clfs = load_classifiers(clf_cfg.get(finding), finding, f"audit.classifiers.{finding}", resize, seed)
     h_clfs = load_classifiers(clf_cfg.get(hallucinated), hallucinated, f"audit.classifiers.{hallucinated}", resize, seed)
-    t0 = time.perf_counter()
-    images, table = gen.generate(prompts)
-    t_gen = time.perf_counter() - t0
-    sel_cfg = dict(a.get("selector") or {})
-    if sel_cfg.get("run"):  # a quality selector run scores every generated image; kept = score >= min_score
+    sel_cfg, selector = dict(a.get("selector") or {}), None
+    if sel_cfg.get("run"):  # checked before generating (which can take minutes)
         from medtrust.generation.selector import Selector
 
         if sel_cfg.get("min_score") is None:
             raise ValueError("audit.selector.run needs audit.selector.min_score (the score an image must reach to be kept)")
         selector = Selector.from_run(str(sel_cfg["run"]), seed=int(sel_cfg.get("seed", 0)))
+    t0 = time.perf_counter()
+    images, table = gen.generate(prompts)
+    t_gen = time.perf_counter() - t0
+    if selector is not None:  # a quality selector run scores every generated image; kept = score >= min_score
         score, _ = selector.score(images, str(sel_cfg.get("score", "expected")))
         table["selector_score"], table["kept"] = score, (score >= float(sel_cfg["min_score"])).astype(int)
     log.info(f"audit: {len(table)} generated images ({gen.kind}), {table['pair_id'].nunique()} counterfactual pairs")

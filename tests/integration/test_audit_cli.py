@@ -114,3 +114,32 @@ def test_a_folder_of_generated_images_is_audited_from_its_csv(classifiers, tmp_p
     assert m["n_generated"] == 4 and m["generator"]["kind"] == "folder" and "truth" not in m
     assert m["training_data"]["status"] == "unknown"
     assert m["hallucination"]["status"] == "insufficient" and m["hallucination"]["n"] == 4
+
+
+def test_a_selector_run_scores_the_generated_images_and_its_keep_rule_is_audited(classifiers, tmp_path):
+    """audit.selector.run: a quality selector run (a tiny one, trained here on rated noise images) scores every
+    generated image; kept = score >= min_score, and the audit reports what keeping does to each group."""
+    rated = tmp_path / "rated"
+    rated.mkdir()
+    rows = []
+    for k in range(48):
+        level = k % 3
+        arr = (np.random.default_rng(k).random((32, 32, 3)) * (0.3 + 0.35 * level) * 255).astype("uint8")
+        Image.fromarray(arr).save(rated / f"{k}.png")
+        rows.append({"path": f"{k}.png", "rating": level + 1})
+    pd.DataFrame(rows).to_csv(rated / "ratings.csv", index=False)
+    sel = tmp_path / "selector"
+    run_script("train.py", "experiment=minim_selector", f"data.manifest={rated / 'ratings.csv'}", "data.image_size=[32,32]",
+               "trainer.max_epochs=1", "model.net.backbone=resnet10t", "model.mc_samples=2", "data.batch_size=8",
+               "data.drop_last=true", "evaluation.figures=false", "logger=csv", f"hydra.run.dir={sel}", timeout=600)
+    out = tmp_path / "audit"
+    _audit(classifiers, out, f"audit.selector.run={sel}", "audit.selector.min_score=2.0")
+    m = json.loads((out / "metrics" / "audit.json").read_text())
+    s = m["selector"]
+    assert s["figures_on"] == "every generated image (kept or not)" and s["n"] == m["n_generated"]
+    assert {"sex", "race", "age_group"} <= set(s["attributes"]) and "keep_rate_gap" in s["attributes"]["sex"]
+    gen = pd.read_csv(out / "tables" / "generated.csv")
+    assert {"selector_score", "kept"} <= set(gen.columns) and s["n_kept"] == int(gen.kept.sum())
+    assert ((gen.selector_score >= 2.0) == (gen.kept == 1)).all()
+    proc = _audit(classifiers, tmp_path / "no_min", f"audit.selector.run={sel}", check=False)
+    assert proc.returncode != 0 and "audit.selector.run needs audit.selector.min_score" in proc.stdout + proc.stderr
