@@ -28,6 +28,7 @@ from medtrust.audit.prompts import build_prompt_set, check_prompt_table
 from medtrust.evaluation.run_classifier import RunClassifier
 from medtrust.metrics.audit import disparity, kappa_agreement, paired_shift, rate, standardised_excess
 from medtrust.metrics.calibration import compute_binary_ece
+from medtrust.metrics.classification import predictive_uncertainty
 from medtrust.runs.rundir import claim_run_dir
 from medtrust.utils.io import atomic_write_bytes, write_csv, write_json
 from medtrust.utils.logging import get_logger
@@ -111,21 +112,16 @@ def real_images(real: Mapping[str, Any], findings: Sequence[str], attributes: Se
     return torch.stack([t.float().div(255) for t in imgs]), pd.DataFrame(rows)
 
 
-def _entropy(p: np.ndarray) -> np.ndarray:
-    q = np.clip(p, 1e-12, 1)
-    return -(q * np.log(q)).sum(-1)
-
-
 def predict(clfs: list[tuple[str, RunClassifier, int]], images: torch.Tensor, where: str) -> dict[str, dict[str, np.ndarray]]:
     """Per classifier: ``p`` (calibrated probability of the finding), ``flag`` (p >= 0.5), ``entropy`` of the
     mean prediction and ``mi`` (mutual information over the stochastic passes: epistemic)."""
     out = {}
     for name, clf, idx in clfs:
         clf.check_images(images, where)
-        s = clf.sample_probabilities(images).double().numpy()  # S x N x K
-        mean = s.mean(0)
-        out[name] = {"p": mean[:, idx], "flag": (mean[:, idx] >= 0.5).astype(float), "entropy": _entropy(mean),
-                     "mi": _entropy(mean) - _entropy(s).mean(0)}
+        u = predictive_uncertainty(clf.sample_probabilities(images))  # from S x N x K sampled probabilities
+        mean = u["mean"].numpy()
+        out[name] = {"p": mean[:, idx], "flag": (mean[:, idx] >= 0.5).astype(float), "entropy": u["entropy"].numpy(),
+                     "mi": u["mutual_information"].numpy()}
     return out
 
 

@@ -3,7 +3,7 @@
 Every audited figure is a share of images (a true-positive rate, a selection rate, a flag rate), i.e.
 the mean of a 0/1 vector per group. That fixes the statistics:
 
-- a group's rate gets a Wilson 95 % interval (``scipy.stats.binomtest(...).proportion_ci``);
+- a group's rate gets a Wilson 95 % interval (:func:`medtrust.metrics.selection.wilson`);
 - a **disparity** over the groups of one attribute (e.g. TPR over race) is the gap between the highest
   and the lowest group, with the ratio lowest / highest. Its CI must hold although the pair was *chosen*
   because it is the most extreme (with three equal groups the chosen pair's ordinary 95 % CI misses 0
@@ -36,7 +36,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest, fisher_exact, norm
+from scipy.stats import fisher_exact, norm
+
+from medtrust.metrics.selection import wilson
 
 INSUFFICIENT = "insufficient"
 
@@ -62,8 +64,7 @@ def rate(x: Sequence[float], min_n: int = 1) -> dict[str, Any]:
     if len(a) < max(1, int(min_n)):
         return insufficient(len(a))
     k = int(a.sum())
-    ci = binomtest(k, len(a)).proportion_ci(0.95, method="wilson")
-    return {"status": "ok", "n": int(len(a)), "k": k, "rate": k / len(a), "ci": [float(ci.low), float(ci.high)]}
+    return {"status": "ok", "n": int(len(a)), "k": k, "rate": k / len(a), "ci": wilson(k, len(a))}
 
 
 def boot_means(x: Sequence[float], n_boot: int, rng: np.random.Generator) -> np.ndarray:

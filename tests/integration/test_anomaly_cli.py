@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from tests.conftest import run_script
 
@@ -41,8 +42,11 @@ def test_the_run_writes_stats_and_the_benchmark_metrics_per_cohort(anomaly_run):
     assert (per[per.label == 0].cohort == "clean").all() and set(per[per.label == 1].severity) == {1, 2, 3, 4, 5}
     injected = per[per.label == 1]
     assert set(m["kinds"]) == set(injected.kind)  # every kind drawn, with its own AUROC against all clean images
+    clean = per[per.label == 0]
     for kind, v in m["kinds"].items():
-        assert v["n_injected"] == (injected.kind == kind).sum() and 0 <= v["auroc"] <= 1
+        rows = pd.concat([clean, injected[injected.kind == kind]])
+        assert v["n_injected"] == (injected.kind == kind).sum()
+        assert v["auroc"] == pytest.approx(roc_auc_score(rows.label, rows.score), abs=1e-6)  # that kind vs all clean
     html = (anomaly_run / "report" / "index.html").read_text()
     assert "Image AUROC of each artifact kind" in html
     assert "Artifact detection (SAFEGEN)" in html and "image AUROC, injected vs clean" in html

@@ -58,7 +58,12 @@ def test_the_phantom_generator_injects_what_it_is_told_and_keeps_pairs_identical
     df = build_prompt_set({**PROMPTS, "per_cell": 40})
     gen = PhantomGenerator(size=32, seed=0, inject={"tpr": {"race": {"Hispanic": 0.5}}, "hallucination": 0.4})
     imgs, t = gen.generate(df)
-    assert imgs.shape == (len(df), 1, 32, 32) and 0 <= float(imgs.min()) and float(imgs.max()) <= 1
+    assert imgs.shape == (len(df), 1, 32, 32)
+    # a drawn opacity changes the image: same seed and anatomy, with and without the requested finding
+    one = df.iloc[[0]].assign(asked=1)
+    with_f, _ = PhantomGenerator(size=32, seed=0).generate(one)
+    without, _ = PhantomGenerator(size=32, seed=0).generate(one.assign(asked=0))
+    assert float((with_f - without).abs().sum()) > 1.0 and float(imgs.std()) > 0.05
     asked = t[(t.asked == 1) & (t.variant == "demographic")]
     drawn = asked.groupby("race").truth_finding.mean()
     assert drawn.drop("Hispanic").eq(1.0).all() and 0.3 < drawn["Hispanic"] < 0.7
