@@ -109,6 +109,9 @@ class ImageDataModule(L.LightningDataModule):
         train_source: another source whose records are the training split, all of them (e.g. a
             generator's rated samples, or synthetic images for a classifier), while ``source`` keeps
             giving val / test / cal (its own training records are left out). None: ``source`` alone.
+        train_extra: another source whose records are ADDED to the training split (e.g. synthetic images
+            with a label column, to measure whether they help a classifier on real test images); their ids
+            and patient ids are prefixed ``extra/`` so they never meet a real patient. None: nothing added.
     """
 
     def __init__(
@@ -140,9 +143,11 @@ class ImageDataModule(L.LightningDataModule):
         name: str = "data",
         class_names: Sequence[str] | None = None,
         train_source: Any = None,
+        train_extra: Any = None,
     ) -> None:
         super().__init__()
         self.train_source = train_source
+        self.train_extra = train_extra
         size = [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
         if len(size) != 2 or min(size) < 8:
             raise ValueError(f"data.image_size must be an int or [H, W] with sides >= 8, got {image_size}")
@@ -217,6 +222,17 @@ class ImageDataModule(L.LightningDataModule):
                 check_unique_ids([*train, *held], f"{self.train_source.describe()} + {self.source.describe()}")
                 self._split_records["train"] = train
                 self._split_how += f"; train from {self.train_source.describe()}"
+            if self.train_extra is not None:
+                # the batch carries what the main source's records carry: a generated folder's prompt, modality or
+                # reward would not collate beside real records without them (and a classifier does not use them)
+                real = next((r for rs in self._split_records.values() for r in rs), {})
+                drop = {k for k in ("text", "modality", "reward", "quality") if k not in real}
+                extra = [{**{k: v for k, v in r.items() if k not in drop}, "id": f"extra/{r['id']}",
+                          "patient_id": f"extra/{r['patient_id']}", "split": "train"} for r in self.train_extra.records()]
+                if not extra:
+                    raise DataError(f"data.train_extra {self.train_extra.describe()}: the source yielded no records")
+                self._split_records["train"] = [*self._split_records.get("train", []), *extra]
+                self._split_how += f"; plus {len(extra)} training records from {self.train_extra.describe()}"
         return self._split_records
 
     def write_splits(self, out_dir: str | Path) -> str:
@@ -379,6 +395,7 @@ class ImageDataModule(L.LightningDataModule):
         counts = {s: len(r) for s, r in self.split_records.items()}
         return {"name": self.name, "source": self.source.describe(), "location": self.location,
                 **({"train_source": self.train_source.describe()} if self.train_source is not None else {}),
+                **({"train_extra": self.train_extra.describe()} if self.train_extra is not None else {}),
                 "image_size": self.image_size, "channels": self.channels, "split_method": self._split_how,
                 "resize": self.resize, **({"modalities": self.modalities} if self.modalities else {}),
                 "split_counts": counts, "skipped": len(self.skipped),

@@ -38,6 +38,9 @@ class CsvSource:
             ``mask_column``/``label_column``/``patient_column``/``split_column`` may be ``None``
             or absent from the file.
         attr_columns: columns copied into ``attrs`` (missing values become ``"unknown"``).
+        age_column: a column of ages in years, binned into the ``age_group`` attribute at ``age_bins``
+            (e.g. ``[40, 65]`` -> ``<40``, ``40-64``, ``>=65``; a blank cell -> ``unknown``). None: no age group.
+        age_bins: ascending bin edges of ``age_group``.
         classes: explicit class order for string labels.
 
     A record's ``id`` is its ``path`` cell relative to the CSV's folder, normalised, in POSIX form
@@ -61,18 +64,23 @@ class CsvSource:
         split_column: str | None = "split",
         attr_columns: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
+        age_column: str | None = None,
+        age_bins: Sequence[int] = (40, 65),
     ) -> None:
         self.manifest = Path(str(manifest)).expanduser().resolve()
         self.cols = dict(path=path_column, mask=mask_column, label=label_column,
                          patient=patient_column, split=split_column)
         self.attr_columns = list(attr_columns or [])
         self.classes = list(classes) if classes else None
+        self.age_column, self.age_bins = age_column, [int(b) for b in age_bins]
+        if self.age_bins != sorted(set(self.age_bins)):
+            raise ValueError(f"data.source.age_bins={list(age_bins)}; expected ascending, distinct edges")
 
     def describe(self) -> str:
         return f"csv({self.manifest})"
 
     def _check_columns(self, df: pd.DataFrame) -> None:
-        wanted = [self.cols["path"], *self.attr_columns]
+        wanted = [self.cols["path"], *self.attr_columns, *([self.age_column] if self.age_column else [])]
         if self.cols["label"] is not None:
             wanted.append(self.cols["label"])  # configured label column must exist (null = unlabelled)
         missing = [c for c in wanted if c not in df.columns]
@@ -119,12 +127,27 @@ class CsvSource:
             out.append({
                 "id": rid, "path": str(path), "mask_path": str(mask_path) if mask_path else None,
                 "label": label, "patient_id": pid or rid, "split": split,
-                "attrs": {c: (row[c].strip() or "unknown") for c in self.attr_columns},
+                "attrs": {**{c: (row[c].strip() or "unknown") for c in self.attr_columns},
+                          **({"age_group": self._age_group(row[self.age_column], where)} if self.age_column else {})},
                 "where": where, **({"error": error} if error else {}),
             })
         if not out:
             raise DataError(f"{self.manifest}: the manifest has no rows")
         return out
+
+    def _age_group(self, cell: str, where: str) -> str:
+        from medtrust.data.sources.cxr_tables import age_group
+
+        cell = str(cell).strip()
+        if not cell:
+            return "unknown"
+        try:
+            age = float(cell)
+        except ValueError:
+            raise DataError(f"{where}: {self.age_column}={cell!r} is not an age in years") from None
+        if not 0 <= age < 150:
+            raise DataError(f"{where}: {self.age_column}={cell!r} is not an age in years (expected 0-150)")
+        return age_group(cell, self.age_bins)
 
     def _label_map(self, df: pd.DataFrame) -> dict[str, int]:
         values = sorted({v.strip() for v in df[self.cols["label"]] if v.strip()})

@@ -93,3 +93,37 @@ def test_train_source_replaces_the_training_split_only():
         ImageDataModule(real, image_size=[32, 32], train_source=Other(clash)).split_records
     with pytest.raises(DataError, match="yielded no records"):
         ImageDataModule(real, image_size=[32, 32], train_source=Other([])).split_records
+
+
+def test_train_extra_adds_to_the_training_split_and_keeps_val_and_test():
+    """data.train_extra (the audit's downstream test): synthetic records join the real training split under
+    ``extra/`` ids, even when their own ids are the real ones', and val / test do not change."""
+    from medtrust.data.records import DataError
+
+    class Other:
+        def __init__(self, recs):
+            self.recs = recs
+
+        def records(self):
+            return self.recs
+
+        def describe(self):
+            return "other()"
+
+    real = PhantomDermSource(n_images=30, size=32, seed=1)
+    plain = ImageDataModule(real, image_size=[32, 32], batch_size=6)
+    # the same ids as the real records (derm_0000 ...), and the prompt / modality / reward a generated folder carries
+    donor = [{**r, "text": "a prompt", "modality": 0, "reward": 1.0} for r in PhantomDermSource(n_images=6, size=32, seed=2).records()]
+    dm = ImageDataModule(real, image_size=[32, 32], batch_size=6, train_extra=Other(donor))
+    real_train = [r["id"] for r in plain.split_records["train"]]
+    assert [r["id"] for r in dm.split_records["train"]] == real_train + [f"extra/{r['id']}" for r in donor]
+    assert all(r["patient_id"].startswith("extra/") for r in dm.split_records["train"][len(real_train):])
+    for split in ("val", "test"):
+        assert [r["id"] for r in dm.split_records[split]] == [r["id"] for r in plain.split_records[split]]
+    assert dm.summary()["train_extra"] == "other()" and "plus 6 training records from other()" in dm.summary()["split_method"]
+    assert len(dm.load_split("train")[0]) == len(real_train) + 6
+    ds = dm.dataset("train")  # real and synthetic items carry the same keys (else a mixed batch does not collate)
+    keys = {frozenset(ds[i]) for i in range(len(ds))}
+    assert len(keys) == 1 and not {"text", "reward", "modality"} & set(next(iter(keys)))
+    with pytest.raises(DataError, match="data.train_extra other\\(\\): the source yielded no records"):
+        ImageDataModule(real, image_size=[32, 32], train_extra=Other([])).split_records

@@ -46,6 +46,27 @@ def test_csv_missing_manifest_and_missing_column(tmp_path, csv_dataset):
         CsvSource(str(csv_dataset), path_column="image").records()
 
 
+def test_csv_age_column_is_binned_into_age_group_and_a_bad_age_names_the_row(tmp_path, csv_dataset):
+    """data.source.age_column (ieee8023's age in years): the audit's age_group attribute, blank -> unknown."""
+    root, man = copy_csv(csv_dataset, tmp_path)
+    df = pd.read_csv(man)
+    df["age"] = [""] + [str(a) for a in np.linspace(5, 90, len(df) - 1).round()]
+    df.to_csv(man, index=False)
+    recs = CsvSource(str(man), attr_columns=["sex"], age_column="age", age_bins=[40, 65]).records()
+    groups = [r["attrs"]["age_group"] for r in recs]
+    assert groups[0] == "unknown" and recs[1]["attrs"] == {"sex": recs[1]["attrs"]["sex"], "age_group": "<40"}
+    for r, age in zip(recs[1:], df["age"][1:]):
+        assert r["attrs"]["age_group"] == ("<40" if float(age) < 40 else "40-64" if float(age) < 65 else ">=65")
+    df.loc[4, "age"] = "sixty"
+    df.to_csv(man, index=False)
+    with pytest.raises(DataError, match=r"row 6: age='sixty' is not an age in years"):
+        CsvSource(str(man), age_column="age").records()
+    with pytest.raises(DataError, match=r"missing column\(s\) \['years'\]"):
+        CsvSource(str(man), age_column="years").records()
+    with pytest.raises(ValueError, match="ascending"):
+        CsvSource(str(man), age_column="age", age_bins=[65, 40])
+
+
 def test_csv_bad_split_value_names_the_row(tmp_path, csv_dataset):
     root, man = copy_csv(csv_dataset, tmp_path)
     df = pd.read_csv(man)
