@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from medtrust.audit.generators import FolderGenerator, PhantomGenerator, PipelineGenerator, RunGenerator
 from medtrust.audit.prompts import build_prompt_set, check_prompt_table
 from medtrust.evaluation.run_classifier import RunClassifier
-from medtrust.metrics.audit import disparity, kappa_agreement, paired_shift, rate, standardised_excess
+from medtrust.metrics.audit import disparity, downstream_gain, kappa_agreement, paired_shift, rate, standardised_excess
 from medtrust.metrics.calibration import compute_binary_ece
 from medtrust.metrics.classification import predictive_uncertainty
 from medtrust.runs.rundir import claim_run_dir
@@ -36,7 +36,7 @@ from medtrust.utils.logging import get_logger
 log = get_logger(__name__)
 
 AUDIT_KEYS = {"selector", "name", "folder", "generator", "prompts", "finding", "hallucinated", "classifiers", "real", "resize", "min_cell",
-              "n_boot", "n_perm", "seed", "intersections", "consensus", "batch_size"}
+              "n_boot", "n_perm", "seed", "intersections", "consensus", "batch_size", "save_images", "downstream"}
 
 
 def _plain(x: Any) -> Any:
@@ -87,7 +87,9 @@ def load_classifiers(runs: Sequence[str] | None, finding: str, key: str, resize:
 
 def real_images(real: Mapping[str, Any], findings: Sequence[str], attributes: Sequence[str]) -> tuple[torch.Tensor, pd.DataFrame]:
     """The real images (N×C×H×W in [0, 1]) and a table of their findings (0/1) and demographics.
-    ``real.findings``: finding -> ``label`` (the record's label is 1) or an attribute column holding 0/1."""
+    ``real.findings``: finding -> ``label`` (the record's label is 1), an attribute column holding 0/1, a
+    constant 0 / 1 (known absent / present on every image: e.g. COVID-19 on CXRs taken before 2019), or
+    null (not recorded on these images: figures that need it are left out)."""
     dm = instantiate(real["data"])
     if hasattr(dm, "setup"):
         dm.setup()
@@ -98,9 +100,15 @@ def real_images(real: Mapping[str, Any], findings: Sequence[str], attributes: Se
         row = {"id": rec["id"]}
         attrs = rec.get("attrs") or {}
         for f in findings:
-            src = cols.get(f)
-            if src is None:
-                raise ValueError(f"audit.real.findings: no column for finding {f!r}; expected label or an attribute name")
+            if f not in cols:
+                raise ValueError(f"audit.real.findings: no entry for finding {f!r}; expected label, an attribute name, "
+                                 "0 / 1 (absent / present on every image) or null (not recorded)")
+            src = cols[f]
+            if src is None or isinstance(src, (bool, int)):
+                if src is not None and int(src) not in (0, 1):
+                    raise ValueError(f"audit.real.findings.{f}={src}; a constant must be 0 or 1")
+                row[f] = np.nan if src is None else int(src)
+                continue
             v = rec.get("label") if src == "label" else attrs.get(src)
             if v is None or str(v).strip() == "":
                 row[f] = np.nan
@@ -298,6 +306,7 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if sel_cfg.get("min_score") is None:
             raise ValueError("audit.selector.run needs audit.selector.min_score (the score an image must reach to be kept)")
         selector = Selector.from_run(str(sel_cfg["run"]), seed=int(sel_cfg.get("seed", 0)))
+    downstream = read_downstream(dict(a.get("downstream") or {}))  # checked before generating
     t0 = time.perf_counter()
     images, table = gen.generate(prompts)
     t_gen = time.perf_counter() - t0
@@ -320,6 +329,11 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if kept_src is not None:
         metrics["selector"] = selector_block(kept_src, attrs, a, "the kept images only (the folder holds no others)"
                                              if isinstance(gen, FolderGenerator) else "every generated image (kept or not)")
+    if downstream is not None:
+        metrics["downstream"] = {**downstream_gain(*downstream["probs"], n_boot=int(a["n_boot"]), seed=int(a["seed"])),
+                                 **{k: v for k, v in downstream.items() if k != "probs"}}
+    if a.get("save_images"):
+        save_generated(out_dir / "generated", images, table)
     metrics["seconds"] = {"generation" if gen.kind != "folder" else "loading": t_gen,
                           "classifiers": t_cls, "statistics": time.perf_counter() - t0 - t_gen - t_cls,
                           "total": time.perf_counter() - t0}
@@ -345,6 +359,69 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     build_run_report(out_dir, title=f"medtrust audit ({a.get('name')})")
     log.info(f"audit written to {out_dir}  report: {out_dir / 'report' / 'index.html'}")
     return metrics
+
+
+def save_generated(folder: Path, images: torch.Tensor, table: pd.DataFrame) -> None:
+    """The audited images as a ``generate.py``-style folder (PNGs + ``generated.csv``), so that a
+    classifier can train on them (``data.train_extra``: the downstream test) or another audit can read
+    them (``audit.generator.kind=folder``). ``label`` is 1 when the prompt asked for the audited
+    finding; an image a selector rejected is listed without a file."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=False)
+    rows = []
+    for i, row in enumerate(table.drop(columns=[c for c in ("image", "file", "row", "sample") if c in table]).to_dict("records")):
+        kept = str(row.get("kept", 1)) in ("1", "1.0", "True")
+        name = f"audit_{i:05d}.png" if kept else ""
+        if kept:
+            x = images[i].detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+            arr = x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+            Image.fromarray(arr).save(folder / name)
+        rows.append({"file": name, "row": i, "sample": 0, **row, "label": int(row["asked"])})
+    write_csv(folder / "generated.csv", pd.DataFrame(rows))
+
+
+def read_downstream(d: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The downstream pairs (``audit.downstream``): classifier runs trained without (``baseline``) and with
+    (``augmented``, ``data.train_extra`` set) synthetic images, paired by position, read from their
+    ``<split>_predictions.csv`` on the same real images. None when no runs are given."""
+    from medtrust.runs.rundir import load_run_config
+
+    base, aug = list(d.get("baseline") or []), list(d.get("augmented") or [])
+    if not base and not aug:
+        return None
+    if len(base) != len(aug):
+        raise ValueError(f"audit.downstream: {len(base)} baseline and {len(aug)} augmented runs; expected pairs "
+                         "(the k-th of each trained alike with the same seed)")
+    split = str(d.get("split", "test"))
+    frames, ref = [], None
+    for key, runs, want_extra in (("baseline", base, False), ("augmented", aug, True)):
+        for run in runs:
+            extra = OmegaConf.select(load_run_config(run), "data.train_extra", default=None)
+            if (extra is not None) != want_extra:
+                raise ValueError(f"audit.downstream.{key}: {run} was trained {'with' if extra is not None else 'without'} "
+                                 f"data.train_extra; expected {'synthetic' if want_extra else 'no synthetic'} training images")
+            path = Path(run) / f"{split}_predictions.csv"
+            if not path.is_file():
+                raise ValueError(f"audit.downstream.{key}: {path} not found (train.py writes it after testing the run)")
+            df = pd.read_csv(path, dtype={"id": str})
+            missing = {"id", "label", "prob_1"} - set(df.columns)
+            if missing:
+                raise ValueError(f"{path}: no column(s) {sorted(missing)}; expected a binary classifier's predictions")
+            df = df.sort_values("id").reset_index(drop=True)
+            if ref is None:
+                ref = df
+            elif list(df["id"]) != list(ref["id"]) or list(df["label"]) != list(ref["label"]):
+                raise ValueError(f"{path}: not the same {split} images and labels as {frames[0][1]}; the pairs must be "
+                                 "scored on the same real images")
+            frames.append((key, str(path), df["prob_1"].to_numpy(float)))
+    return {"probs": ([p for k, _, p in frames if k == "baseline"], [p for k, _, p in frames if k == "augmented"],
+                      ref["label"].to_numpy(int)),
+            "split": split, "baseline_runs": [str(r) for r in base], "augmented_runs": [str(r) for r in aug],
+            "fitted": "each run on its own training split (augmented: plus the synthetic images); reported on the runs' "
+                      f"shared real {split} split, which none of them trained on"
+                      + (" (in-sample for the checkpoint choice: each run chose its checkpoint on val)" if split == "val"
+                         else " or chose its checkpoint on")}
 
 
 def audit_metrics(table: pd.DataFrame, gen_f: dict[str, dict[str, np.ndarray]], gen_h: dict[str, dict[str, np.ndarray]],

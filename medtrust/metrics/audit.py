@@ -312,3 +312,62 @@ def kappa_agreement(flags: Mapping[str, Sequence[float]]) -> dict[str, Any]:
         pairs[f"{names[a]}|{names[b]}"] = _f(float(k))
     all_agree = float((arr.min(0) == arr.max(0)).mean()) if arr.size else None
     return {"classifiers": names, "cohen_kappa": pairs, "all_agree": all_agree}
+
+
+def downstream_gain(baseline: Sequence[Sequence[float]], augmented: Sequence[Sequence[float]], labels: Sequence[int],
+                    n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Does adding synthetic images to a classifier's training set help it on real test images?
+
+    ``baseline[k]`` and ``augmented[k]`` are the positive-class probabilities of the k-th pair of
+    classifiers (trained alike, same seed, without / with the synthetic images) on the same real images
+    (``labels``). Per pair: both AUROCs and accuracies (p >= 0.5) and their differences. Overall: the
+    mean difference over pairs with a stratified bootstrap 95 % CI that resamples the *images* (the same
+    resample for every pair), and the spread across pairs (their SD: the seed's share of the variation,
+    which the image bootstrap does not hold).
+
+    Raises:
+        ValueError: no pair, unequal numbers of runs, lengths that differ, or one class missing.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if not baseline or len(baseline) != len(augmented):
+        raise ValueError(f"downstream: {len(baseline)} baseline and {len(augmented)} augmented classifiers; "
+                         "expected pairs (the same number of each, at least one)")
+    y = np.asarray(labels).astype(int)
+    b = [np.asarray(x, float) for x in baseline]
+    g = [np.asarray(x, float) for x in augmented]
+    if any(len(x) != len(y) for x in (*b, *g)):
+        raise ValueError("downstream: every classifier must score the same real images (lengths differ)")
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(pos) < 2 or len(neg) < 2:
+        raise ValueError(f"downstream: the real images need both classes (>= 2 each); got {len(pos)} positive, "
+                         f"{len(neg)} negative")
+
+    def auc(p: np.ndarray, idx: np.ndarray) -> float:
+        return float(roc_auc_score(y[idx], p[idx]))
+
+    def acc(p: np.ndarray, idx: np.ndarray) -> float:
+        return float(np.mean((p[idx] >= 0.5) == (y[idx] == 1)))
+
+    every = np.arange(len(y))
+    pairs = [{"auroc_baseline": auc(bb, every), "auroc_augmented": auc(gg, every),
+              "accuracy_baseline": acc(bb, every), "accuracy_augmented": acc(gg, every)} for bb, gg in zip(b, g)]
+    for p in pairs:
+        p["auroc_diff"] = p["auroc_augmented"] - p["auroc_baseline"]
+        p["accuracy_diff"] = p["accuracy_augmented"] - p["accuracy_baseline"]
+    rng = np.random.default_rng(seed)
+    boot = {"auroc": [], "accuracy": []}
+    for _ in range(int(n_boot)):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        boot["auroc"].append(np.mean([auc(gg, idx) - auc(bb, idx) for bb, gg in zip(b, g)]))
+        boot["accuracy"].append(np.mean([acc(gg, idx) - acc(bb, idx) for bb, gg in zip(b, g)]))
+    out: dict[str, Any] = {"n_pairs": len(pairs), "n_images": int(len(y)), "n_positive": int(len(pos)), "pairs": pairs,
+                           "ci": "stratified bootstrap over the real images (the same resample for every pair)"}
+    for m in ("auroc", "accuracy"):
+        d = np.array([p[f"{m}_diff"] for p in pairs])
+        out[m] = {"baseline": float(np.mean([p[f"{m}_baseline"] for p in pairs])),
+                  "augmented": float(np.mean([p[f"{m}_augmented"] for p in pairs])),
+                  "diff": float(d.mean()), "diff_sd_across_pairs": float(d.std(ddof=1)) if len(d) > 1 else None,
+                  "diff_ci": [float(np.percentile(boot[m], 2.5)), float(np.percentile(boot[m], 97.5))] if n_boot else None}
+        out[m]["relative_change"] = out[m]["diff"] / out[m]["baseline"] if out[m]["baseline"] else None
+    return out

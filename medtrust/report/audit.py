@@ -89,5 +89,12 @@ def audit_sections(run_dir: Path, m: Mapping[str, Any]) -> list[ReportSection]:
     shift_rows = [{"group": k, "pairs": v.get("n_pairs", v.get("n")), "with": v.get("rate_with"), "without": v.get("rate_without"),
                    "shift [95 % CI]": f"{v['shift']:.3f} {fmt_ci(v['shift_ci'])}" if v.get("status") == "ok" else "insufficient",
                    "relative": v.get("relative_shift")} for k, v in m["selection_rate_shift"].items()]
+    down_rows = []
+    if d := m.get("downstream"):
+        for metric in ("auroc", "accuracy"):
+            v = d[metric]
+            down_rows.append({"metric": metric, "without synthetic": v["baseline"], "with synthetic": v["augmented"],
+                              "change [95 % CI]": f"{v['diff']:.3f} {fmt_ci(v['diff_ci'])}",
+                              "relative": v["relative_change"], "SD across pairs": v["diff_sd_across_pairs"]})
     return [ReportSection("audit/audit.html.j2", {"m": m, "figures": figs, "bias_rows": bias_rows, "hall_rows": hall_rows,
-                                                  "shift_rows": shift_rows})]
+                                                  "shift_rows": shift_rows, "down_rows": down_rows})]

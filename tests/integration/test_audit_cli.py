@@ -143,3 +143,36 @@ def test_a_selector_run_scores_the_generated_images_and_its_keep_rule_is_audited
     assert ((gen.selector_score >= 2.0) == (gen.kept == 1)).all()
     proc = _audit(classifiers, tmp_path / "no_min", f"audit.selector.run={sel}", check=False)
     assert proc.returncode != 0 and "audit.selector.run needs audit.selector.min_score" in proc.stdout + proc.stderr
+
+
+def test_saved_audit_images_train_an_augmented_classifier_whose_gain_the_audit_reports(classifiers, tmp_path):
+    """Downstream use: audit.save_images writes the audited images as a generate.py folder; a classifier trained
+    like ``pn`` (same seed) with them added (data.train_extra) is paired with ``pn`` on the same real test split."""
+    first = tmp_path / "first"
+    _audit(classifiers, first, "audit.save_images=true")
+    gen = pd.read_csv(first / "generated" / "generated.csv")
+    assert len(gen) == json.loads((first / "metrics" / "audit.json").read_text())["n_generated"]
+    assert (gen["label"] == gen["asked"]).all() and all((first / "generated" / f).is_file() for f in gen["file"])
+    aug = tmp_path / "aug"
+    run_script("train.py", "experiment=audit_pneumonia_augmented", *TINY_CLS, f"data.train_extra.folder={first / 'generated'}",
+               f"hydra.run.dir={aug}", timeout=900)
+    splits = pd.read_csv(aug / "splits" / "splits.csv")
+    base_splits = pd.read_csv(classifiers["pn"] / "splits" / "splits.csv")
+    assert (splits["id"].str.startswith("extra/") & (splits["split"] == "train")).sum() == len(gen)
+    for split in ("val", "test", "cal"):
+        assert sorted(splits[splits.split == split]["id"]) == sorted(base_splits[base_splits.split == split]["id"])
+    out = tmp_path / "audit"
+    _audit(classifiers, out, f"audit.downstream.baseline=[{classifiers['pn']}]", f"audit.downstream.augmented=[{aug}]")
+    d = json.loads((out / "metrics" / "audit.json").read_text())["downstream"]
+    test = pd.read_csv(aug / "test_predictions.csv")
+    assert d["n_pairs"] == 1 and d["n_images"] == len(test) and d["split"] == "test"
+    assert d["pairs"][0]["auroc_augmented"] == pytest.approx(json.loads((aug / "metrics" / "test.json").read_text())["cls"]["auroc"], abs=1e-6)
+    lo, hi = d["auroc"]["diff_ci"]
+    assert lo <= d["auroc"]["diff"] <= hi
+    assert "Downstream use" in (out / "report" / "index.html").read_text()
+    # the roles are checked from each run's config: a run trained with synthetic images is no baseline
+    proc = _audit(classifiers, tmp_path / "swapped", f"audit.downstream.baseline=[{aug}]",
+                  f"audit.downstream.augmented=[{classifiers['pn']}]", check=False)
+    assert proc.returncode != 0 and "was trained with data.train_extra; expected no synthetic" in proc.stdout + proc.stderr
+    proc = _audit(classifiers, tmp_path / "unpaired", f"audit.downstream.augmented=[{aug}]", check=False)
+    assert proc.returncode != 0 and "0 baseline and 1 augmented runs; expected pairs" in proc.stdout + proc.stderr
