@@ -84,7 +84,9 @@ class ImageDataModule(L.LightningDataModule):
         num_classes: labels must lie in ``[0, num_classes)`` when given.
         splits: ``{"use_source": bool, "fractions": {...}, "seed": int, "calibration_fraction": float}``;
             ``calibration_fraction`` > 0 moves that share of the training patients into a ``cal``
-            split, on which temperature scaling is fitted instead of on ``val``.
+            split, on which temperature scaling is fitted instead of on ``val``. ``same_patient``: groups of
+            patient ids that are one patient (e.g. ieee8023 lists the same images under two ids): each group
+            takes its first id before splits are computed, so its images stay in one split.
         augment: ``{name: {"enabled", "prob", bounds...}}`` for the training split.
         normalize: ``{"mean": [...], "std": [...]}`` or ``None``.
         batch_size: training batch size.
@@ -179,6 +181,17 @@ class ImageDataModule(L.LightningDataModule):
                           "fractions": check_fractions(sp.get("fractions", {"train": 0.7, "val": 0.15, "test": 0.15})),
                           "seed": int(sp.get("seed", 0)),
                           "calibration_fraction": float(sp.get("calibration_fraction", 0.0))}
+        self.same_patient: dict[str, str] = {}
+        for group in sp.get("same_patient") or []:
+            ids = [str(x) for x in group]
+            if len(ids) < 2:
+                raise ValueError(f"data.splits.same_patient: {ids} is not a group; expected lists of two or more patient ids")
+            for x in ids[1:]:
+                if x in self.same_patient:
+                    raise ValueError(f"data.splits.same_patient: patient {x!r} is in two groups")
+                self.same_patient[x] = ids[0]
+        if self.same_patient:
+            self.split_cfg["same_patient"] = [[str(x) for x in g] for g in sp["same_patient"]]
         self.augment = {k: dict(v) for k, v in (augment or {}).items()}
         self.normalize = ({"mean": list(normalize["mean"]), "std": list(normalize["std"])} if normalize else None)
         self.batch_size = int(batch_size)
@@ -211,6 +224,11 @@ class ImageDataModule(L.LightningDataModule):
             if not records:
                 raise DataError(f"{self.source.describe()}: the source yielded no records")
             check_unique_ids(records, self.source.describe())  # one place for every source
+            if self.same_patient:
+                unknown = sorted(set(self.same_patient) - {str(r["patient_id"]) for r in records})
+                if unknown:
+                    raise DataError(f"data.splits.same_patient: patient id(s) {unknown} are not in {self.source.describe()}")
+                records = [{**r, "patient_id": self.same_patient.get(str(r["patient_id"]), r["patient_id"])} for r in records]
             self._split_records, self._split_how = make_splits(
                 records, self.split_cfg["fractions"], self.split_cfg["seed"], self.split_cfg["use_source"],
                 self.split_cfg["calibration_fraction"])

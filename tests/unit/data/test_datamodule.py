@@ -127,3 +127,26 @@ def test_train_extra_adds_to_the_training_split_and_keeps_val_and_test():
     assert len(keys) == 1 and not {"text", "reward", "modality"} & set(next(iter(keys)))
     with pytest.raises(DataError, match="data.train_extra other\\(\\): the source yielded no records"):
         ImageDataModule(real, image_size=[32, 32], train_extra=Other([])).split_records
+
+
+def test_same_patient_groups_keep_one_patients_images_in_one_split():
+    """data.splits.same_patient: two ids of one patient (ieee8023 lists the same images under two) are split
+    as one patient; unknown ids and ids in two groups are refused."""
+    from medtrust.data.records import DataError
+
+    src = PhantomDermSource(n_images=60, size=16, seed=3)
+    plain = ImageDataModule(src, image_size=16)
+    split_of = {r["patient_id"]: s for s, rs in plain.split_records.items() for r in rs}
+    a = next(p for p, s in split_of.items() if s == "train")
+    b = next(p for p, s in split_of.items() if s == "test")
+    dm = ImageDataModule(src, image_size=16, splits={"same_patient": [[a, b]]})
+    ids_of = {s: {r["id"] for r in rs} for s, rs in dm.split_records.items()}
+    b_ids = {r["id"] for r in src.records() if r["patient_id"] == b}
+    assert b_ids <= ids_of["train"] and not b_ids & ids_of["test"]  # b's images follow a's split
+    assert {r["patient_id"] for r in dm.split_records["train"]} >= {a} and b not in {r["patient_id"] for rs in dm.split_records.values() for r in rs}
+    with pytest.raises(DataError, match=r"same_patient: patient id\(s\) \['nobody'\] are not in"):
+        ImageDataModule(src, image_size=16, splits={"same_patient": [[a, "nobody"]]}).split_records
+    with pytest.raises(ValueError, match="is in two groups"):
+        ImageDataModule(src, image_size=16, splits={"same_patient": [[a, b], [a, b]]})
+    with pytest.raises(ValueError, match="is not a group"):
+        ImageDataModule(src, image_size=16, splits={"same_patient": [[a]]})
