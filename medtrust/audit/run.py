@@ -206,11 +206,18 @@ def hallucination_block(gen: dict[str, dict[str, np.ndarray]], real: dict[str, d
     pair = gen_df["pair_id"].astype(str).to_numpy()  # the two images of a pair share their noise: resampled together
     fr = np.full(len(real_df), -1) if finding_real is None else np.nan_to_num(finding_real, nan=-1).astype(int)
 
+    # the audited finding not recorded on any real image (audit.real.findings.<finding>: null): no stratified
+    # baseline exists, so every stratum is compared with all real images without the hallucinated finding
+    unrecorded = bool((fr == -1).all())
+
     def excess(g: np.ndarray, r: np.ndarray, gsel: np.ndarray, rsel: np.ndarray) -> dict[str, Any]:
         strata = ("asked", "not asked")
-        return standardised_excess({s: g[gsel & (asked == v)] for s, v in zip(strata, (1, 0))},
-                                   {s: r[rsel & neg & (fr == v)] for s, v in zip(strata, (1, 0))},
-                                   {s: r[rsel & pos & (fr == v)] for s, v in zip(strata, (1, 0))},
+        if unrecorded:
+            real_neg, real_pos = {"unstratified": r[rsel & neg]}, {"unstratified": r[rsel & pos]}
+        else:
+            real_neg = {s: r[rsel & neg & (fr == v)] for s, v in zip(strata, (1, 0))}
+            real_pos = {s: r[rsel & pos & (fr == v)] for s, v in zip(strata, (1, 0))}
+        return standardised_excess({s: g[gsel & (asked == v)] for s, v in zip(strata, (1, 0))}, real_neg, real_pos,
                                    clusters={s: pair[gsel & (asked == v)] for s, v in zip(strata, (1, 0))}, **kw)
 
     every_g, every_r = np.ones(len(gen_df), bool), np.ones(len(real_df), bool)
@@ -228,7 +235,9 @@ def hallucination_block(gen: dict[str, dict[str, np.ndarray]], real: dict[str, d
                 by_group[attr][v] = {**excess(cg, cr, gkey == v, rsel), "baseline": "group"}
             else:  # this group is absent or too rare among the real images: all real images are the baseline
                 by_group[attr][v] = {**excess(cg, cr, gkey == v, every_r), "baseline": "overall"}
-    return {**top, "consensus": rule, "standardised_on": "the audited finding asked / not asked (real: present / absent)",
+    return {**top, "consensus": rule,
+            "standardised_on": ("not standardised: the audited finding is not recorded on the real images" if unrecorded
+                                else "the audited finding asked / not asked (real: present / absent)"),
             "per_classifier": per, "agreement": kappa_agreement({n: gen[n]["flag"] for n in names}), "by_group": by_group}
 
 

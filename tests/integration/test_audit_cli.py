@@ -176,3 +176,21 @@ def test_saved_audit_images_train_an_augmented_classifier_whose_gain_the_audit_r
     assert proc.returncode != 0 and "was trained with data.train_extra; expected no synthetic" in proc.stdout + proc.stderr
     proc = _audit(classifiers, tmp_path / "unpaired", f"audit.downstream.augmented=[{aug}]", check=False)
     assert proc.returncode != 0 and "0 baseline and 1 augmented runs; expected pairs" in proc.stdout + proc.stderr
+
+
+def test_real_findings_known_absent_or_not_recorded(classifiers, tmp_path):
+    """audit.real.findings: a constant 0 (COVID-19 on CXRs taken before 2019: every real image is a negative) and
+    null (pneumonia not recorded): the hallucination baseline is every real image, unstratified and said so; the
+    corrections and real-side validity that need the unrecorded finding are left out, never guessed."""
+    out = tmp_path / "audit"
+    _audit(classifiers, out, "audit.real.findings.pneumonia=null", "audit.real.findings.covid=0")
+    m = json.loads((out / "metrics" / "audit.json").read_text())
+    real = pd.read_csv(out / "tables" / "real.csv")
+    assert (real["covid"] == 0).all() and real["pneumonia"].isna().all()
+    h = m["hallucination"]
+    assert h["status"] == "ok" and h["n_real"] == len(real) and h["standardised_on"].startswith("not standardised")
+    assert {s["baseline"] for s in h["strata"].values()} == {"all strata"} and h["corrected"] is None
+    assert m["bias"]["sex"]["corrected"]["gap"] is None
+    assert m["validity"]["all"]["overall"]["real"] == {"status": "insufficient", "n": 0}
+    proc = _audit(classifiers, tmp_path / "bad", "audit.real.findings.covid=2", check=False)
+    assert proc.returncode != 0 and "audit.real.findings.covid=2; a constant must be 0 or 1" in proc.stdout + proc.stderr
