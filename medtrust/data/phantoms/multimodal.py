@@ -185,6 +185,8 @@ class PhantomMultimodalSource:
         quality: share of each acquisition grade (``{good: 0.5, fair: 0.3, poor: 0.2}``): fair and poor
             images are washed out (:mod:`medtrust.data.phantoms.quality`); the grade is the record's
             ``quality`` (3 good, 2 fair, 1 poor), never in the text. ``None``: every image is good.
+        label: ``side`` (0 no finding, 1 on the left, 2 on the right, as the text names it) or ``present``
+            (0 / 1: a finding classifier, e.g. the audit's independent one).
 
     Raises:
         ValueError: unknown modality, bad prevalence, template or quality shares.
@@ -193,10 +195,14 @@ class PhantomMultimodalSource:
     def __init__(self, n_images: int = 1500, size: int = 64, seed: int = 0,
                  modalities: Sequence[str] = tuple(MODALITIES), prevalence: float = 0.6,
                  template: str = "short", attributes: Mapping[str, Mapping[str, float]] | None = None,
-                 max_images_per_patient: int = 2, quality: Mapping[str, float] | None = None) -> None:
+                 max_images_per_patient: int = 2, quality: Mapping[str, float] | None = None,
+                 label: str = "side") -> None:
         from medtrust.data.phantoms.quality import check_quality_mix
 
         self.quality = check_quality_mix(quality)
+        if label not in ("side", "present"):
+            raise ValueError(f"data.source.label={label!r}; expected side (0 none, 1 left, 2 right) or present (0 / 1)")
+        self.label_mode = str(label)
         self.modalities = [str(m) for m in modalities]
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown or not self.modalities:
@@ -251,7 +257,7 @@ class PhantomMultimodalSource:
             info = MODALITIES[m]
             fields = finding_fields(info["display"], info["finding"], bool(t["present"]), str(t["side"]),
                                     str(t["region"]), str(t["size"]), str(t["sex"]), int(t["age"]))  # type: ignore[arg-type]
-            label = 0 if not t["present"] else 1 + SIDES.index(str(t["side"]))
+            label = 0 if not t["present"] else 1 if self.label_mode == "present" else 1 + SIDES.index(str(t["side"]))
             extra: dict[str, object] = {}
             if self.quality:
                 from medtrust.data.phantoms.quality import GRADES, draw_grade, wash_out
