@@ -122,6 +122,14 @@ def test_every_audit_config_composes_with_its_real_data(audit):
     assert {a.finding, a.hallucinated} <= set(a.classifiers) and a.folder
     dm = instantiate(a.real.data)
     assert dm.num_classes == 2 and set(a.real.findings) == {a.finding, a.hallucinated}
+    # its prompt set builds: the templates name exactly its declared attributes (a dict inherited from _base
+    # would be merged into the audit's own, adding groups its template never names)
+    from omegaconf import OmegaConf
+
+    from medtrust.audit.prompts import build_prompt_set
+
+    prompts = build_prompt_set(OmegaConf.to_container(a.prompts, resolve=True))
+    assert set(a.prompts.attributes) <= set(prompts.columns) and len(prompts) > 0
 
 
 def test_default_config_is_the_phantom_segmenter():
