@@ -316,6 +316,7 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             raise ValueError("audit.selector.run needs audit.selector.min_score (the score an image must reach to be kept)")
         selector = Selector.from_run(str(sel_cfg["run"]), seed=int(sel_cfg.get("seed", 0)))
     downstream = read_downstream(dict(a.get("downstream") or {}))  # checked before generating
+    training = training_data(gen)  # before generating too: minutes of sampling are never lost to it
     t0 = time.perf_counter()
     images, table = gen.generate(prompts)
     t_gen = time.perf_counter() - t0
@@ -333,7 +334,7 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                "classifiers": {n: {**c.describe(), "finding": finding} for n, c, _ in f_clfs}
                | {n: {**c.describe(), "finding": hallucinated} for n, c, _ in h_clfs},
                **audit_metrics(table, gen_f, gen_h, r_df, real_f, real_h, finding, hallucinated, attrs, a),
-               "training_data": gen.training_composition()}
+               "training_data": training}
     kept_src = prompts if isinstance(gen, FolderGenerator) and "kept" in prompts else table if "kept" in table else None
     if kept_src is not None:
         metrics["selector"] = selector_block(kept_src, attrs, a, "the kept images only (the folder holds no others)"
@@ -368,6 +369,19 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     build_run_report(out_dir, title=f"medtrust audit ({a.get('name')})")
     log.info(f"audit written to {out_dir}  report: {out_dir / 'report' / 'index.html'}")
     return metrics
+
+
+def training_data(gen: Any) -> dict[str, Any]:
+    """The subgroup make-up of the generator's training set; when its data cannot be read here (a run from
+    another machine, a moved manifest) ``{"status": "unavailable", "reason": ...}`` with a warning: the audit's
+    other figures do not depend on it."""
+    from medtrust.data.records import DataError
+
+    try:
+        return gen.training_composition()
+    except (DataError, FileNotFoundError, OSError) as err:
+        log.warning(f"audit: the generator's training data is unavailable ({err}); training_data is reported as unavailable")
+        return {"status": "unavailable", "reason": str(err)}
 
 
 def save_generated(folder: Path, images: torch.Tensor, table: pd.DataFrame) -> None:

@@ -156,3 +156,21 @@ def test_the_selector_audit_recovers_an_injected_keep_rate_gap():
     assert sex["groups"]["M"]["keep_rate"] == 1.0 and sex["groups"]["F"]["share_kept"] < 0.5
     assert s["attributes"]["race"]["chi2_p"] > 0.001  # race was not targeted
     assert "kept" not in PhantomGenerator(size=16).generate(df.head(4))[1]
+
+
+def test_training_data_that_cannot_be_read_is_reported_unavailable_not_a_crash():
+    """A generator run received from elsewhere whose training manifest is not on this machine: the audit
+    says so in training_data (with the reason) instead of failing after minutes of sampling."""
+    from medtrust.audit.run import training_data
+    from medtrust.data.records import DataError
+
+    class Moved:
+        def training_composition(self):
+            raise DataError("manifest not found: /elsewhere/manifest.csv")
+
+    class Here:
+        def training_composition(self):
+            return {"status": "ok", "n": 3}
+
+    assert training_data(Moved()) == {"status": "unavailable", "reason": "manifest not found: /elsewhere/manifest.csv"}
+    assert training_data(Here()) == {"status": "ok", "n": 3}
