@@ -242,9 +242,11 @@ def hallucination_block(gen: dict[str, dict[str, np.ndarray]], real: dict[str, d
 
 
 def validity_block(gen: dict[str, dict[str, np.ndarray]], gen_df: pd.DataFrame, real: dict[str, dict[str, np.ndarray]],
-                   real_df: pd.DataFrame, finding: str, attrs: Sequence[str], a: Mapping[str, Any]) -> dict[str, Any]:
+                   real_df: pd.DataFrame, finding: str, attrs: Sequence[str], a: Mapping[str, Any],
+                   syn_truth: np.ndarray | None = None) -> dict[str, Any]:
     """Accuracy, ECE, entropy and MC-dropout mutual information of each finding classifier on real against
-    synthetic images, per class (finding asked / present or not) and per subgroup."""
+    synthetic images, per class (finding asked / present or not) and per subgroup. ``syn_truth``: what the
+    generated images are meant to show (default: the prompt's ``asked``; the unasked finding: 0 for all)."""
     min_n = int(a["min_cell"])
 
     def cell(p: np.ndarray, y: np.ndarray, ent: np.ndarray, mi: np.ndarray) -> dict[str, Any]:
@@ -256,8 +258,8 @@ def validity_block(gen: dict[str, dict[str, np.ndarray]], gen_df: pd.DataFrame, 
                 "mutual_information": float(np.mean(mi))}
 
     out: dict[str, Any] = {}
-    syn_y = gen_df["asked"].astype(int).to_numpy()
-    real_y = real_df[finding].to_numpy()
+    syn_y = gen_df["asked"].astype(int).to_numpy() if syn_truth is None else np.asarray(syn_truth).astype(int)
+    real_y = real_df[finding].to_numpy(dtype=float)
     known = ~np.isnan(real_y)
     for name in gen:
         g, r = gen[name], real[name]
@@ -276,6 +278,19 @@ def validity_block(gen: dict[str, dict[str, np.ndarray]], gen_df: pd.DataFrame, 
             blocks[cls_name] = entry
         out[name] = blocks
     return out
+
+
+def validity_rows(m: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per classifier, class, subgroup and image source (real / synthetic) of ``validity_by_classifier``."""
+    rows = []
+    for clf, blocks in m["validity_by_classifier"].items():
+        for cls_name, entry in blocks.items():
+            for group, cells in entry.items():
+                for source, c in cells.items():
+                    rows.append({"classifier": clf, "finding": m["classifiers"][clf]["finding"], "class": cls_name,
+                                 "group": group, "images": source, **{k: (str(v) if isinstance(v, list) else v)
+                                                                      for k, v in c.items()}})
+    return rows
 
 
 def _flat(prefix: str, block: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -363,6 +378,7 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     write_csv(out_dir / "tables" / "selection_rate_shift.csv", pd.DataFrame(_flat("shift", metrics["selection_rate_shift"])))
     write_csv(out_dir / "tables" / "hallucination_groups.csv", pd.DataFrame(
         [r for attr, g in metrics["hallucination"]["by_group"].items() for r in _flat(attr, g)]))
+    write_csv(out_dir / "tables" / "validity.csv", pd.DataFrame(validity_rows(metrics)))
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(cfg.audit, resolve=True).encode())
     from medtrust.report.html import build_run_report
 
@@ -465,6 +481,9 @@ def audit_metrics(table: pd.DataFrame, gen_f: dict[str, dict[str, np.ndarray]], 
     first = names[0]
     shift = {name: shift_block(table, gen_f[name]["flag"], attrs, a) for name in names}
     validity = validity_block(gen_f, table, real_f, r_df, finding, attrs, a)
+    # the unasked finding's classifiers too: on real images per class and subgroup (where the real images record
+    # it), on generated images against what no prompt asked for (their accuracy there is 1 - their flag rate)
+    validity_h = validity_block(gen_h, table, real_h, r_df, hallucinated, attrs, a, syn_truth=np.zeros(len(table)))
     composition = {attr: {str(k): int(v) for k, v in r_df[attr].value_counts(dropna=False).items()} for attr in attrs
                    if attr in r_df}
     out = {
@@ -476,7 +495,8 @@ def audit_metrics(table: pd.DataFrame, gen_f: dict[str, dict[str, np.ndarray]], 
         "selection_rate_shift": shift[first], "selection_rate_shift_by_classifier": shift,
         "hallucination": hallucination_block(gen_h, real_h, r_df[hallucinated].to_numpy(), table, r_df, attrs, a,
                                              r_df[finding].to_numpy(dtype=float)),
-        "validity": validity[first], "validity_by_classifier": validity,
+        "validity": validity[first], "validity_by_classifier": validity | validity_h,
+        "validity_hallucinated": validity_h[list(gen_h)[0]],
         "real_data": {"composition": composition}}
     if "truth_finding" in table:  # known truth (phantom generator): what the audit should recover
         out["truth"] = truth_block(table, attrs, a)

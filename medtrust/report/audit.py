@@ -89,6 +89,16 @@ def audit_sections(run_dir: Path, m: Mapping[str, Any]) -> list[ReportSection]:
     shift_rows = [{"group": k, "pairs": v.get("n_pairs", v.get("n")), "with": v.get("rate_with"), "without": v.get("rate_without"),
                    "shift [95 % CI]": f"{v['shift']:.3f} {fmt_ci(v['shift_ci'])}" if v.get("status") == "ok" else "insufficient",
                    "relative": v.get("relative_shift")} for k, v in m["selection_rate_shift"].items()]
+    def _v(c: Mapping[str, Any], key: str) -> Any:
+        return c.get(key) if c.get("status") == "ok" else f"insufficient (n={c.get('n')})" if key == "accuracy" else None
+
+    valid_rows = []
+    for clf, blocks in (m.get("validity_by_classifier") or {}).items():
+        for cls_name, entry in blocks.items():
+            r, g = entry["overall"]["real"], entry["overall"]["synthetic"]
+            valid_rows.append({"classifier": clf, "class": cls_name, "real: n": r.get("n"), "accuracy": _v(r, "accuracy"),
+                               "ECE": _v(r, "ece"), "MI": _v(r, "mutual_information"), "synthetic: n": g.get("n"),
+                               "accuracy ": _v(g, "accuracy"), "ECE ": _v(g, "ece"), "MI ": _v(g, "mutual_information")})
     down_rows = []
     if d := m.get("downstream"):
         for metric in ("auroc", "accuracy"):
@@ -97,4 +107,5 @@ def audit_sections(run_dir: Path, m: Mapping[str, Any]) -> list[ReportSection]:
                               "change [95 % CI]": f"{v['diff']:.3f} {fmt_ci(v['diff_ci'])}",
                               "relative": v["relative_change"], "SD across pairs": v["diff_sd_across_pairs"]})
     return [ReportSection("audit/audit.html.j2", {"m": m, "figures": figs, "bias_rows": bias_rows, "hall_rows": hall_rows,
-                                                  "shift_rows": shift_rows, "down_rows": down_rows})]
+                                                  "shift_rows": shift_rows, "down_rows": down_rows,
+                                                  "valid_rows": valid_rows})]

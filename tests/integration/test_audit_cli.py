@@ -52,13 +52,20 @@ def test_the_audit_writes_its_figures_and_tables(classifiers, tmp_path):
     cells = m["bias"]["sex&race"]["metrics"]["tpr"]["groups"]
     assert all(c == {"status": "insufficient", "n": 6} for c in cells.values())
     assert m["truth"]["drawn.race"]["White"] == 1.0 and m["truth"]["drawn.race"]["Hispanic"] < 1.0
-    for t in ("generated", "real", "bias_groups", "selection_rate_shift", "hallucination_groups"):
+    assert set(m["validity_by_classifier"]) == {"pn#0", "cv#0", "cv2#1"}
+    vh = m["validity_hallucinated"]["all"]["overall"]["synthetic"]  # nothing asked for covid: accuracy = 1 - flag rate
+    assert vh["accuracy"] == pytest.approx(1 - m["hallucination"]["per_classifier"]["cv#0"]["rate"])
+    valid = pd.read_csv(out / "tables" / "validity.csv")
+    assert {"classifier", "class", "group", "images", "accuracy", "ece"} <= set(valid.columns)
+    assert set(valid["classifier"]) == {"pn#0", "cv#0", "cv2#1"} and "sex=F" in set(valid["group"])
+    for t in ("generated", "real", "bias_groups", "selection_rate_shift", "hallucination_groups", "validity"):
         assert (out / "tables" / f"{t}.csv").is_file(), t
     gen = pd.read_csv(out / "tables" / "generated.csv")
     assert len(gen) == m["n_generated"] and {"truth_finding", "truth_hallucination", "flag_covid:cv#0"} <= set(gen.columns)
     assert json.loads((out / "run.json").read_text())["kind"] == "audit"
     html = (out / "report" / "index.html").read_text()
     assert "Audit of a generator" in html and "Selection-rate shift" in html and html.count("data:image/png") == 3
+    assert "Validity: the classifiers on real against synthetic images" in html
     assert {p.name for p in (out / "figures" / "audit").glob("*.png")} == {
         "tpr_by_group.png", "selection_rate_shift.png", "hallucination_by_group.png"}
     # the same command and seeds give the same figures; a finished audit folder is never written over
