@@ -484,8 +484,8 @@ def audit_metrics(table: pd.DataFrame, gen_f: dict[str, dict[str, np.ndarray]], 
     # the unasked finding's classifiers too: on real images per class and subgroup (where the real images record
     # it), on generated images against what no prompt asked for (their accuracy there is 1 - their flag rate)
     validity_h = validity_block(gen_h, table, real_h, r_df, hallucinated, attrs, a, syn_truth=np.zeros(len(table)))
-    composition = {attr: {str(k): int(v) for k, v in r_df[attr].value_counts(dropna=False).items()} for attr in attrs
-                   if attr in r_df}
+    composition = {attr: {str(k): int(v) for k, v in r_df[attr].fillna("not recorded").value_counts().items()}
+                   for attr in attrs if attr in r_df}
     out = {
         "finding": finding, "hallucinated": hallucinated, "n_generated": int(len(table)),
         "n_pairs": int(table["pair_id"].nunique()), "n_real": int(len(r_df)), "min_cell": int(a["min_cell"]),
