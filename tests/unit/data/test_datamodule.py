@@ -62,19 +62,22 @@ def test_balanced_sampling_evens_out_classes():
     assert share(False) < 0.3 and 0.4 < share(True) < 0.6
 
 
+class Other:
+    """A source that lists the records it is given (describes itself as ``other()``)."""
+
+    def __init__(self, recs):
+        self.recs = recs
+
+    def records(self):
+        return self.recs
+
+    def describe(self):
+        return "other()"
+
+
 def test_train_source_replaces_the_training_split_only():
     """data.train_source: train on one source (e.g. rated generated samples), validate and test on another."""
     from medtrust.data.records import DataError
-
-    class Other:
-        def __init__(self, recs):
-            self.recs = recs
-
-        def records(self):
-            return self.recs
-
-        def describe(self):
-            return "other()"
 
     real = PhantomDermSource(n_images=30, size=32, seed=1)
     donor = PhantomDermSource(n_images=6, size=32, seed=2).records()
@@ -99,16 +102,6 @@ def test_train_extra_adds_to_the_training_split_and_keeps_val_and_test():
     """data.train_extra (the audit's downstream test): synthetic records join the real training split under
     ``extra/`` ids, even when their own ids are the real ones', and val / test do not change."""
     from medtrust.data.records import DataError
-
-    class Other:
-        def __init__(self, recs):
-            self.recs = recs
-
-        def records(self):
-            return self.recs
-
-        def describe(self):
-            return "other()"
 
     real = PhantomDermSource(n_images=30, size=32, seed=1)
     plain = ImageDataModule(real, image_size=[32, 32], batch_size=6)
