@@ -396,6 +396,40 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
 
+    def external_dataset(self, files: Sequence[str | Path], where: str) -> tuple[CachedImageDataset, list[dict[str, Any]]]:
+        """Image files from elsewhere (e.g. an out-of-distribution set) at this data's evaluation
+        preprocessing: read as this data's channels (PIL converts RGB <-> grayscale), resized like
+        it (``resize``), normalised like it; no labels, masks or augmentation.
+
+        Returns:
+            the dataset and the files skipped under ``on_bad=skip`` (``{"path", "reason"}``).
+
+        Raises:
+            DataError: a file that cannot be read (naming it, under ``on_bad=error``) or no readable file.
+        """
+        recs = [{"id": str(f), "patient_id": str(f), "path": str(f)} for f in files]
+
+        def load(rec: Record) -> tuple[np.ndarray, np.ndarray | None] | DataError:
+            try:
+                return load_record(rec, self.image_size, self.channels, False, self.resize)
+            except DataError as err:
+                return err
+
+        with ThreadPoolExecutor(self.load_threads) as pool:
+            results = list(pool.map(load, recs))
+        images, kept, skipped = [], [], []
+        for rec, res in zip(recs, results):
+            if isinstance(res, DataError):
+                if self.on_bad == "error":
+                    raise DataError(f"{where}: {res} (set data.on_bad=skip to skip unreadable images and count them)")
+                skipped.append({"path": rec["path"], "reason": str(res)})
+                continue
+            images.append(torch.from_numpy(res[0]))
+            kept.append(rec)
+        if not kept:
+            raise DataError(f"{where}: none of its {len(recs)} image(s) could be read")
+        return CachedImageDataset(images, [None] * len(images), kept, self._eval_tf), skipped
+
     # -- helpers for reports --------------------------------------------------------------
     def raw_image(self, split: str, index: int) -> np.ndarray:
         """Un-normalised image ``index`` of ``split`` as float H×W×C in [0, 1] (for figures)."""

@@ -33,6 +33,7 @@ log = get_logger(__name__)
 
 QUADRANTS = ("correct_confident", "correct_uncertain", "incorrect_confident", "incorrect_uncertain")
 CALIBRATION_FILE = "calibration.json"
+CAL_PREDICTIONS_FILE = "calibration_predictions.csv"   # every method's probabilities on the calibration split
 # the scalar metrics of a method, in files and the comparison table
 SCALARS = ("auroc", "accuracy", "f1", "pr_auc", "ece_top_label", "ece_top_label_adaptive", "ece_positive", "brier",
            "nll", "aurc")
@@ -40,37 +41,17 @@ SCALARS = ("auroc", "accuracy", "f1", "pr_auc", "ece_top_label", "ece_top_label_
 
 @torch.inference_mode()
 def collect(task: torch.nn.Module, datamodule: Any, split: str, seed: int = 0) -> dict[str, Any]:
-    """Member logits (M×N×C), MC-dropout logits (T×N×C or None), labels (N or None), records.
+    """Member logits (M×N×C), MC-dropout logits (T×N×C or None), pooled features of every member
+    (M×N×F, for the OOD detectors), labels (N or None) and the records of ``split``.
 
     The MC-dropout masks come from ``seed`` (the global RNG is forked and restored), so train.py's
     final evaluation and a later evaluate.py give the same numbers.
     """
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return _collect(task, datamodule, split)
+    from medtrust.evaluation.ood import collect_outputs
 
-
-def _collect(task: torch.nn.Module, datamodule: Any, split: str) -> dict[str, Any]:
-    device = next(task.parameters()).device
-    was = task.training
-    task.eval()
-    members, mc, labels, index = [], [], [], []
-    for batch in datamodule.dataloader(split):
-        out = task.predict_step({"image": batch["image"].to(device)}, 0)
-        members.append(out["member_logits"].float().cpu())
-        if "mc_logits" in out:
-            mc.append(out["mc_logits"].float().cpu())
-        if "label" in batch:
-            labels.append(batch["label"])
-        index.append(batch["index"])
-    task.train(was)
-    order = torch.cat(index).argsort()
-    return {
-        "member_logits": torch.cat(members, 1)[:, order],
-        "mc_logits": torch.cat(mc, 1)[:, order] if mc else None,
-        "labels": torch.cat(labels)[order] if labels else None,
-        "records": datamodule.load_split(split)[2],
-    }
+    out = collect_outputs(task, datamodule.dataloader(split), seed)
+    out["records"] = datamodule.load_split(split)[2]
+    return out
 
 
 def method_logits(task: torch.nn.Module, coll: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -139,14 +120,109 @@ def fit_calibration(task: torch.nn.Module, datamodule: Any, run_dir: str | Path,
     out = {"fitted_on": split, "n_images": len(labels), "temperatures": temps, "primary_method": primary,
            "calibrated": bool(c.calibrate), "quadrant_threshold": thr,
            "quadrant_target_accuracy": float(c.quadrant_target_accuracy)}
+    # what conformal prediction fits at evaluation (any alpha): every method's probabilities on this split
+    cal_df = pd.DataFrame({"id": [r["id"] for r in coll["records"]], "label": labels.numpy()})
+    for m, smp in methods.items():
+        for scaled, tt in (("raw", 1.0), ("scaled", temps[m])):
+            p = probs_of(smp, tt)
+            for k in range(p.shape[1]):
+                cal_df[f"{m}/{scaled}/p{k}"] = p[:, k].numpy()
+    write_csv(Path(run_dir) / CAL_PREDICTIONS_FILE, cal_df)
+    out["ood"] = fit_ood(task, datamodule, run_dir, c, coll)
     write_json(Path(run_dir) / CALIBRATION_FILE, out)
     log.info(f"calibration on {split} ({len(labels)} images): temperatures {temps}, primary {primary}, quadrant threshold {thr:.3f}")
-    return out
+    return {**out, "dir": str(Path(run_dir).resolve())}
+
+
+def fit_ood(task: torch.nn.Module, datamodule: Any, run_dir: str | Path, c: Any, cal: Mapping[str, Any]) -> dict[str, Any]:
+    """The OOD detectors' training features (``ood_fit.safetensors``) and their flag thresholds on the
+    calibration split ``cal`` (each keeps ``ood.keep_in_distribution`` of its images)."""
+    from medtrust.evaluation.ood import Detectors, collect_outputs, fit_state, save_state, thresholds
+
+    o = c.ood
+    keep = float(o.keep_in_distribution)
+    if not 0 < keep < 1:
+        raise ValueError(f"evaluation.ood.keep_in_distribution must lie in (0, 1), got {keep}")
+    train = collect_outputs(task, datamodule.dataloader("train"), int(c.mc_seed))
+    state = fit_state(train, int(o.max_fit_images), int(c.mc_seed))
+    state.update(Detectors(list(o.detectors), state, int(o.knn_k)).layer_reference(cal))
+    save_state(run_dir, state)
+    det = Detectors(list(o.detectors), state, int(o.knn_k))
+    return {"features_from": f"train ({len(state['labels'])} of {len(train['labels'])} images)",
+            "thresholds": thresholds(det.scores(cal), keep), "keep_in_distribution": keep,
+            "thresholds_fitted_on": f"{calibration_split(datamodule, str(c.calibration_split))} "
+                                    f"({len(cal['member_logits'][0])} images)",
+            "knn_k": int(o.knn_k)}
 
 
 def load_calibration(run_dir: str | Path) -> dict[str, Any] | None:
+    """``calibration.json`` with the folder it was read from (``dir``: where the calibration
+    predictions and the OOD features are), or None."""
     p = Path(run_dir) / CALIBRATION_FILE
-    return read_json(p) if p.is_file() else None
+    return {**read_json(p), "dir": str(Path(run_dir).resolve())} if p.is_file() else None
+
+
+def conformal_block(c: Any, fitted: Mapping[str, Any], method: str, scaled: bool, probs: torch.Tensor,
+                    labels: torch.Tensor | None, split: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Split-conformal sets of the evaluated images at ``conformal.alpha``, fitted on the calibration
+    split's probabilities of the same method and scaling; ``(summary, {column: sets})``.
+
+    Raises:
+        ValueError: alpha outside (0, 1); a calibration split too small for alpha.
+    """
+    from medtrust.metrics import conformal as cp
+
+    cc = c.conformal
+    alpha = cp.check_alpha(cc.alpha, "evaluation.conformal.alpha")
+    path = Path(str(fitted.get("dir", ""))) / CAL_PREDICTIONS_FILE
+    if not fitted.get("dir") or not path.is_file():
+        return {"unavailable": f"no {CAL_PREDICTIONS_FILE} in the run (written after training since issue 16): "
+                               "evaluate.py ... refit=true fits it"}, {}
+    cal = pd.read_csv(path)
+    cols = [f"{method}/{'scaled' if scaled else 'raw'}/p{k}" for k in range(probs.shape[1])]
+    missing = [col for col in cols if col not in cal.columns]
+    if missing:
+        raise ValueError(f"{path}: columns {missing} missing (expected the calibration probabilities of {method})")
+    pc, yc = cal[cols].to_numpy(), cal["label"].to_numpy().astype(int)
+    cp.check_calibration_size(len(yc), alpha, f"evaluation.conformal on {path}")
+    fitted_on = fitted.get("fitted_on")
+    out: dict[str, Any] = {"alpha": alpha, "target_coverage": 1 - alpha, "fitted_on": f"{fitted_on} ({len(yc)} images)",
+                           "reported_on": split, "in_sample": fitted_on == split, "probabilities": f"{method}, "
+                           f"{'temperature-scaled (the temperature was fitted on the same calibration images)' if scaled else 'unscaled'}",
+                           "methods": {}}
+    columns = {}
+    for i, m in enumerate(cc.methods):
+        kw = {"k_reg": int(cc.raps_k_reg), "lam": float(cc.raps_lambda)}
+        q = cp.fit_sets(pc, yc, alpha, str(m), seed=int(c.mc_seed) + i, **kw)
+        sets = cp.predict_sets(probs.double().numpy(), q, str(m), seed=int(c.mc_seed) + 100 + i, **kw)
+        row: dict[str, Any] = {"quantile": q, "mean_size": float(sets.sum(1).mean())}
+        if labels is not None:
+            row.update(cp.set_summary(sets, labels.numpy()))
+        out["methods"][str(m)] = row
+        columns[f"set_{m}"] = cp.set_strings(sets)
+    return out, columns
+
+
+def ood_flags(c: Any, fitted: Mapping[str, Any], coll: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The flag detector's score per image and its flag at the threshold fitted after training."""
+    from medtrust.evaluation.ood import Detectors, load_state
+
+    o = fitted.get("ood") or {}
+    if not o or not fitted.get("dir"):
+        return {"unavailable": "no OOD fit in the run (written after training since issue 16): evaluate.py ... "
+                               "refit=true fits it"}, None
+    state = load_state(fitted["dir"])
+    det = Detectors(list(c.ood.detectors), state, int(o.get("knn_k", c.ood.knn_k)))
+    names = [n for n in det.available(coll) if n in o["thresholds"]]
+    if not names:
+        return {"unavailable": "none of evaluation.ood.detectors was fitted for this run"}, None
+    name = str(c.ood.flag_detector) if str(c.ood.flag_detector) in names else names[0]
+    det.names = [name]
+    score = det.scores(coll)[name]
+    thr = float(o["thresholds"][name])
+    return {"detector": name, "threshold": thr, "keep_in_distribution": o.get("keep_in_distribution"),
+            "threshold_fitted_on": o.get("thresholds_fitted_on"), "features_from": o.get("features_from"),
+            "flagged": float((score > thr).mean())}, score
 
 
 def _quadrant(correct: bool, confident: bool) -> str:
@@ -197,7 +273,15 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
         **{k: unc[k].float().numpy() for k in ("entropy", "expected_entropy", "mutual_information", "variance")},
         "method": primary, "temperature": t,
     })
+    conformal, set_cols = conformal_block(c, cal_in, primary, bool(c.calibrate and primary in temps), probs, labels, split)
+    for col, v in set_cols.items():
+        pred_df[col] = v
+    ood, ood_score = ood_flags(c, cal_in, coll)
+    if ood_score is not None:
+        pred_df["ood_score"] = ood_score
+        pred_df["ood_flag"] = ood_score > ood["threshold"]
     result: dict[str, Any] = {"split": split, "task": task.task_name, "metric_group": task.metric_group,
+                              "conformal": conformal, "ood_flag": ood,
                               "metric_groups": ["cls", "cal"], "n_images": len(recs), "n_classes": int(probs.shape[1]),
                               "method": primary, "temperature": t, "calibration": calib,
                               "in_sample": (["cls", "cal", "quadrants"] if in_sample else []),

@@ -61,6 +61,14 @@ def report_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: 
             for s, m in metrics.items() for st in [(m.get("quadrants") or {}).get("stability") or {}] if st.get("counts")]
     if quad:
         out.append(ReportSection("classification/quadrants.html.j2", {"rows": quad, "stability": stab}))
+    conf = [{"split": s, "method": name, "fitted on": c.get("fitted_on"), "target": c.get("target_coverage"),
+             **{k: b.get(k) for k in ("coverage", "mean_size", "singleton", "empty")},
+             "in-sample": c.get("in_sample")}
+            for s, m in metrics.items() for c in [m.get("conformal") or {}] for name, b in (c.get("methods") or {}).items()]
+    if conf:
+        alpha = next(m["conformal"]["alpha"] for m in metrics.values() if (m.get("conformal") or {}).get("methods"))
+        out.append(ReportSection("classification/conformal.html.j2", {"rows": conf, "alpha": alpha}))
+    out += _ood_sections(run_dir, metrics)
     for split in metrics:
         index = run_dir / "failure_cases" / split / "index.csv"
         if not index.is_file() or index.stat().st_size == 0:
@@ -73,3 +81,24 @@ def report_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: 
             for kind, sub in df.groupby("kind", sort=False)]
         out.append(ReportSection("classification/failure_cases.html.j2", {"split": split, "groups": groups}))
     return out
+
+
+def _ood_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
+    """The OOD section from ``metrics/ood.json`` (``evaluate.py ood.sets=[...]``) and the flags of each split."""
+    from medtrust.utils.io import read_json
+
+    flags = [{"split": s, **{k: v for k, v in m["ood_flag"].items() if k != "keep_in_distribution"}}
+             for s, m in metrics.items() if (m.get("ood_flag") or {}).get("detector")]
+    keep = next((m["ood_flag"].get("keep_in_distribution") for m in metrics.values()
+                 if (m.get("ood_flag") or {}).get("detector")), 0.95)
+    p = run_dir / "metrics" / "ood.json"
+    if not p.is_file():
+        return [ReportSection("classification/ood.html.j2", {"rows": [], "flags": flags, "keep": keep, "id_split": "—",
+                                                              "n_in": 0, "features_from": "—"})] if flags else []
+    o = read_json(p)
+    rows = [{"set": name, "images": b["n_images"], "detector": d, "AUROC": r["auroc"], "FPR@95% TPR": r["fpr_at_95tpr"],
+             "best": "yes" if d == b.get("best_detector") else ""}
+            for name, b in o["sets"].items() for d, r in b["detectors"].items()]
+    return [ReportSection("classification/ood.html.j2", {
+        "rows": rows, "flags": flags, "keep": keep, "id_split": o["in_distribution"]["split"],
+        "n_in": o["in_distribution"]["n_images"], "features_from": o.get("features_from") or "—"})]

@@ -262,6 +262,18 @@ def plot_uncertainty_hist(values: Mapping[str, np.ndarray], correct: np.ndarray,
     return _save(fig, path)
 
 
+def plot_score_hist(groups: Mapping[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """Overlaid density histograms of one score for several groups of images (e.g. in- vs out-of-distribution)."""
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    allv = np.concatenate([np.asarray(v, dtype=float) for v in groups.values()])
+    bins = np.linspace(allv.min(), allv.max() + 1e-9, 30)
+    for name, v in groups.items():
+        ax.hist(np.asarray(v, dtype=float), bins=bins, alpha=0.55, density=True, label=f"{name} ({len(v)})")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
 def plot_image_grid(groups: Mapping[str, Sequence[tuple[np.ndarray, str]]], path: str | Path, title: str = "") -> Path:
     """Rows = groups (e.g. trust quadrants), columns = example images with captions."""
     names = [g for g in groups if groups[g]] or list(groups)

@@ -77,11 +77,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         fitted = cls.load_post_fit(run_dir)
         if fitted:
             extra["fitted_from"] = str(run_dir)
-    result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation_config_for(run_cfg, cfg, run_dir), extra, fitted)
+    evaluation = evaluation_config_for(run_cfg, cfg, run_dir)
+    result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
+    _score_ood(cfg, task, dm, out_dir, evaluation, fitted)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(run_cfg, resolve=True).encode())
     build_run_report(out_dir, task=cls, title=f"medtrust evaluation of {run_dir.name}")
     log.info(f"evaluation written to {out_dir}")
     return result.metrics
+
+
+def _score_ood(cfg: DictConfig, task: Any, dm: Any, out_dir: Path, evaluation: Any, fitted: Any) -> None:
+    """``ood.sets=[...]``: the task scores the evaluated split against each set (``metrics/ood.json``)."""
+    sets = (cfg.get("ood") or {}).get("sets")
+    if sets:
+        if isinstance(sets, str):
+            raise ValueError(f'ood.sets must be a list, e.g. "ood.sets=[{sets}]", got the string {sets!r}')
+        task.score_ood(dm, _split(cfg), [str(s) for s in sets], out_dir, evaluation, fitted)
 
 
 def _check_together(runs: list[Path], base: DictConfig, what: str) -> None:
@@ -118,6 +129,7 @@ def evaluate_run_ensemble(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     extra = {"ensemble_runs": [str(r) for r in runs], "checkpoint": str(cfg.checkpoint),
              "run_split_sha256": split_digest(runs[0])}
     result = head.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
+    _score_ood(cfg, head, dm, out_dir, evaluation, fitted)
     build_run_report(out_dir, task=cls, title=f"medtrust ensemble of {len(runs)} runs")
     log.info(f"ensemble evaluation written to {out_dir}")
     return result.metrics

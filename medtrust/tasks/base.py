@@ -17,6 +17,7 @@ the task provides                              used by
 ``explain_view``
 ``compare``                                    ``evaluate.py run_dirs=[...]``
 ``ensemble_of`` (optional)                     ``evaluate.py ensemble_runs=[...]``
+``score_ood`` (optional)                       ``evaluate.py ood.sets=[...]``
 ``evaluation_config`` + the model config's      ``conf/evaluation/<task>.yaml`` and
 defaults (``/evaluation``, ``/callbacks``)     ``conf/callbacks/<task>.yaml``
 ============================================  =============================================
@@ -332,6 +333,17 @@ class TaskBase(L.LightningModule):
             ValueError: the task does not support ensembles (the default).
         """
         raise ValueError(f"ensemble_runs: {cls.task_name} runs cannot be ensembled")
+
+    def score_ood(self, datamodule: Any, split: str, sets: Sequence[str], out_dir: Path, evaluation: Any = None,
+                  fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Score ``split`` (in distribution) against each out-of-distribution image set
+        (``evaluate.py ood.sets=[...]``): ``metrics/ood.json`` and its tables and figures.
+
+        Raises:
+            ValueError: the task has no out-of-distribution detectors (the default).
+        """
+        raise ValueError(f"ood.sets: {self.task_name} runs have no out-of-distribution detectors "
+                         "(classifier runs do)")
 
     def evaluate_split(self, datamodule: Any, split: str, out_dir: Path, evaluation: Any = None,
                        extra: Mapping[str, Any] | None = None,

@@ -281,6 +281,13 @@ class ClassificationTask(TaskBase):
 
         return evaluate_classification(self, datamodule, split, out_dir, evaluation, extra, fitted)
 
+    def score_ood(self, datamodule: Any, split: str, sets: Sequence[str], out_dir: Path, evaluation: Any = None,
+                  fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        from medtrust.evaluation.config import evaluation_config
+        from medtrust.evaluation.ood import score_sets
+
+        return score_sets(self, datamodule, split, sets, out_dir, evaluation_config("classification", evaluation), fitted)
+
     @classmethod
     def report_sections(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
         from medtrust.report.classification import report_sections

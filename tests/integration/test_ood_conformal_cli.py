@@ -1,0 +1,103 @@
+"""Out-of-distribution detection and conformal prediction sets of a classifier run, end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medtrust.data.phantoms.cxr import PhantomCxrSource
+from medtrust.data.phantoms.derm import PhantomDermSource
+from tests.conftest import run_script, write_png
+from tests.integration.test_classification_cli import TINY_CLS
+
+pytestmark = pytest.mark.integration
+FAST = ["evaluation.bootstrap=0", "evaluation.explanation_stability_samples=0", "evaluation.subgroups.bootstrap=0",
+        "evaluation.figures=false"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ood") / "run"
+    run_script("train.py", *TINY_CLS, "data.source.n_images=160", "trainer.max_epochs=3",
+               "data.splits.calibration_fraction=0.25", *FAST, f"hydra.run.dir={run}")
+    return run
+
+
+def _write(folder, records, n):
+    for r in records[:n]:
+        img = np.asarray(r["image"], dtype=np.uint8)
+        write_png(folder / f"{r['id']}.png", img[..., 0] if img.shape[-1] == 1 else img)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ood_sets")
+    # same source, other seed: in distribution; dermoscopy phantoms (RGB, read as grayscale): out of it
+    same = _write(root / "cxr_other_seed", PhantomCxrSource(n_images=60, size=32, seed=5).records(), 60)
+    derm = _write(root / "derm", PhantomDermSource(n_images=40, size=48, seed=1).records(), 40)
+    return {"same": same, "derm": derm}
+
+
+def _latest(run):
+    return sorted((run / "evaluations").iterdir())[-1]
+
+
+def test_training_writes_what_conformal_and_ood_need(run):
+    cal = json.loads((run / "calibration.json").read_text())
+    n_cal = (pd.read_csv(run / "splits" / "splits.csv")["split"] == "cal").sum()
+    cal_pred = pd.read_csv(run / "calibration_predictions.csv")
+    assert len(cal_pred) == n_cal and {"label", "mc_dropout/scaled/p1", "deterministic/raw/p0"} <= set(cal_pred)
+    assert (run / "ood_fit.safetensors").is_file()
+    o = cal["ood"]
+    assert {"msp", "energy", "mahalanobis", "mahalanobis_layers", "knn", "mc_mutual_information"} <= set(o["thresholds"])
+    assert o["thresholds_fitted_on"].startswith("cal") and o["keep_in_distribution"] == 0.95
+    test = json.loads((run / "metrics" / "test.json").read_text())
+    c = test["conformal"]
+    assert c["fitted_on"].startswith("cal") and c["reported_on"] == "test" and c["in_sample"] is False
+    assert set(c["methods"]) == {"lac", "aps", "raps"}
+    preds = pd.read_csv(run / "test_predictions.csv", keep_default_na=False)
+    for m, block in c["methods"].items():
+        hit = [str(y) in s.split("|") for y, s in zip(preds["label"], preds[f"set_{m}"])]
+        assert block["coverage"] == pytest.approx(np.mean(hit))            # the column is what was scored
+        assert block["mean_size"] == pytest.approx(np.mean([len(s.split("|")) if s else 0 for s in preds[f"set_{m}"]]))
+    f = test["ood_flag"]
+    assert f["detector"] == "mahalanobis_layers" and preds["ood_flag"].mean() == pytest.approx(f["flagged"])
+    assert ((preds["ood_score"] > f["threshold"]) == preds["ood_flag"].astype(str).eq("True")).all()
+
+
+def test_ood_sets_separate_known_out_from_known_in(run, sets):
+    """Known truth both ways: dermoscopy phantoms are found (AUROC > 0.9 for the feature detectors), phantom
+    CXRs of another seed of the training source are not (AUROC near 0.5)."""
+    run_script("evaluate.py", f"run_dir={run}", f"ood.sets=[{sets['derm']},{sets['same']}]", *FAST)
+    out = _latest(run)
+    res = json.loads((out / "metrics" / "ood.json").read_text())
+    derm, same = res["sets"]["derm"], res["sets"]["cxr_other_seed"]
+    assert derm["n_images"] == 40 and derm["native_modes"] == {"RGB": 40} and derm["preprocessing"]["channels"] == 1
+    assert derm["detectors"]["mahalanobis_layers"]["auroc"] > 0.9
+    assert 0.2 < same["detectors"]["mahalanobis_layers"]["auroc"] < 0.8   # 17 test images: SD ~0.08
+    table = pd.read_csv(out / "metrics" / "ood.csv")
+    assert len(table) == 2 * len(res["detectors"]) and {"auroc", "fpr_at_95tpr"} <= set(table)
+    scores = pd.read_csv(out / "metrics" / "ood_scores.csv")
+    assert (scores["set"] == "derm").sum() == 40
+    page = (out / "report" / "index.html").read_text()
+    assert "Out-of-distribution" in page and "cxr_other_seed" in page
+
+
+def test_bad_ood_sets_and_alpha_are_refused(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_script("evaluate.py", f"run_dir={run}", f"ood.sets=[{tmp_path / 'empty'}]", *FAST, check=False)
+    assert r.returncode != 0 and "holds no image" in r.stderr and "empty" in r.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    r = run_script("evaluate.py", f"run_dir={run}", f"ood.sets=[{tmp_path / 'bad'}]", *FAST, check=False)
+    assert r.returncode != 0 and "x.png" in r.stderr and "unreadable" in r.stderr
+    r = run_script("evaluate.py", f"run_dir={run}", f"ood.sets=[{tmp_path / 'missing'}]", *FAST, check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    for alpha in ("0", "1.5"):
+        r = run_script("evaluate.py", f"run_dir={run}", f"evaluation.conformal.alpha={alpha}", *FAST, check=False)
+        assert r.returncode != 0 and "evaluation.conformal.alpha must lie in (0, 1)" in r.stderr
+    r = run_script("evaluate.py", f"run_dir={run}", "evaluation.conformal.alpha=0.001", *FAST, check=False)
+    assert r.returncode != 0 and "too few for alpha=0.001" in r.stderr and "999" in r.stderr
