@@ -184,7 +184,11 @@ def conformal_block(c: Any, fitted: Mapping[str, Any], method: str, scaled: bool
     if missing:
         raise ValueError(f"{path}: columns {missing} missing (expected the calibration probabilities of {method})")
     pc, yc = cal[cols].to_numpy(), cal["label"].to_numpy().astype(int)
-    cp.check_calibration_size(len(yc), alpha, f"evaluation.conformal on {path}")
+    try:
+        cp.check_calibration_size(len(yc), alpha, f"evaluation.conformal on {path}")
+    except ValueError as err:  # evaluate.py stops on it; train.py keeps the run and reports it
+        log.warning(str(err))
+        return {"refused": str(err)}, {}
     fitted_on = fitted.get("fitted_on")
     out: dict[str, Any] = {"alpha": alpha, "target_coverage": 1 - alpha, "fitted_on": f"{fitted_on} ({len(yc)} images)",
                            "reported_on": split, "in_sample": fitted_on == split, "probabilities": f"{method}, "
@@ -282,6 +286,7 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
         pred_df["ood_flag"] = ood_score > ood["threshold"]
     result: dict[str, Any] = {"split": split, "task": task.task_name, "metric_group": task.metric_group,
                               "conformal": conformal, "ood_flag": ood,
+                              **({"refused": [conformal["refused"]]} if "refused" in conformal else {}),
                               "metric_groups": ["cls", "cal"], "n_images": len(recs), "n_classes": int(probs.shape[1]),
                               "method": primary, "temperature": t, "calibration": calib,
                               "in_sample": (["cls", "cal", "quadrants"] if in_sample else []),

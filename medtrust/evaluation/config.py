@@ -90,3 +90,24 @@ def fit_split(datamodule: Any, choice: str, key: str) -> str:
         raise ValueError(f"{key}={choice} but the data has no {choice!r} split "
                          "(set data.splits.calibration_fraction > 0 to carve one from train)")
     return choice
+
+
+def check_evaluation(cfg: Any) -> None:
+    """Refuse evaluation settings that are wrong whatever the data, before anything is trained or read:
+    ``conformal.alpha`` outside (0, 1) (None = off), ``ood.keep_in_distribution`` outside (0, 1).
+
+    Raises:
+        ValueError: naming the key and what was expected.
+    """
+    from omegaconf import OmegaConf
+
+    from medtrust.metrics.conformal import check_alpha
+
+    if cfg is None:
+        return
+    alpha = OmegaConf.select(cfg, "conformal.alpha", default=None) if OmegaConf.is_config(cfg) else None
+    if alpha is not None:
+        check_alpha(alpha, "evaluation.conformal.alpha")
+    keep = OmegaConf.select(cfg, "ood.keep_in_distribution", default=None) if OmegaConf.is_config(cfg) else None
+    if keep is not None:
+        check_alpha(keep, "evaluation.ood.keep_in_distribution")

@@ -36,6 +36,8 @@ from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
 THRESHOLD_FILE = "threshold.json"
+CRC_FILE = "conformal_fnr_curves.safetensors"   # the FNR of each calibration image at CRC_GRID thresholds
+CRC_GRID = 2001
 
 
 @torch.inference_mode()
@@ -86,14 +88,50 @@ def fit_threshold(task: torch.nn.Module, datamodule: Any, run_dir: str | Path, c
     best = max(sweep, key=lambda r: r["dice"])
     out = {"fitted_on": split, "n_images": len(pred["records"]), "threshold": best["threshold"],
            "dice_on_fitted_split": best["dice"], "model_threshold": float(task.threshold)}
+    # what conformal risk control fits at evaluation (any alpha): every calibration image's FNR curve
+    from safetensors.torch import save
+
+    from medtrust.metrics.conformal import fnr_curve
+    from medtrust.utils.io import atomic_write_bytes
+
+    ts = np.linspace(0.0, 1.0, CRC_GRID)
+    curve = fnr_curve(pred["prob"], pred["mask"], ts)
+    atomic_write_bytes(Path(run_dir) / CRC_FILE, save({"thresholds": torch.from_numpy(ts), "fnr": torch.from_numpy(curve),
+                                                       "n_no_lesion": torch.tensor(len(pred["records"]) - len(curve))}))
+    out["conformal_fnr_curves"] = {"file": CRC_FILE, "n_lesion": len(curve), "fitted_on": split}
     write_json(Path(run_dir) / THRESHOLD_FILE, out)
     log.info(f"best-Dice threshold {best['threshold']} chosen on {split} ({out['n_images']} images)")
-    return out
+    return {**out, "dir": str(Path(run_dir).resolve())}
 
 
 def load_threshold(run_dir: str | Path) -> dict[str, Any] | None:
+    """``threshold.json`` with the folder it was read from (``dir``: where the FNR curves are), or None."""
     p = Path(run_dir) / THRESHOLD_FILE
-    return read_json(p) if p.is_file() else None
+    return {**read_json(p), "dir": str(Path(run_dir).resolve())} if p.is_file() else None
+
+
+def conformal_fnr_fit(fitted: Mapping[str, Any] | None, alpha: float) -> dict[str, Any]:
+    """The conformal FNR threshold at ``alpha`` from the calibration FNR curves the run saved after
+    training; ``{"unavailable": why}`` for a run without them, ``{"refused": why}`` for too few images."""
+    from safetensors.torch import load_file
+
+    from medtrust.metrics.conformal import crc_from_curve
+
+    info = (fitted or {}).get("conformal_fnr_curves")
+    path = Path(str((fitted or {}).get("dir", ""))) / CRC_FILE
+    if not info or not path.is_file():
+        return {"unavailable": f"no {CRC_FILE} in the run (written after training since issue 16): evaluate.py ... "
+                               "refit=true fits it"}
+    try:
+        t = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - a corrupt file is named, whatever the parser raised
+        raise ValueError(f"{path}: not a readable safetensors file of FNR curves ({err})") from err
+    try:
+        return {**crc_from_curve(t["fnr"].numpy(), t["thresholds"].numpy(), alpha, int(t["n_no_lesion"])),
+                "fitted_on": f"{info['fitted_on']} ({info['n_lesion']} images with a lesion)"}
+    except ValueError as err:  # evaluate.py stops on it; train.py keeps the run and reports it
+        log.warning(str(err))
+        return {"refused": f"fitted on {info['fitted_on']}: {err}"}
 
 
 def _per_image_bins(probs: torch.Tensor, target: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -176,7 +214,29 @@ def evaluate_segmentation(task: torch.nn.Module, datamodule: Any, split: str, ou
         analysis.update({"fitted_threshold": ft, "fitted_on": fitted.get("fitted_on"),
                          "dice_at_fitted_threshold": compute_segmentation_metrics(compute_confusion(probs, target, ft))["dice"],
                          "fitted_in_sample": fitted.get("fitted_on") == split})
+    extra_blocks: dict[str, Any] = {}
+    if c.conformal.alpha is not None:
+        from medtrust.evaluation.seg_uncertainty import crc_block
+        from medtrust.metrics.conformal import check_alpha
+
+        crc = conformal_fnr_fit(fitted, check_alpha(c.conformal.alpha, "evaluation.conformal.alpha"))
+        extra_blocks["conformal_fnr"] = crc_block(probs, target, crc, thr, split) if "threshold" in crc else crc
+        if "refused" in crc:
+            extra_blocks["refused"] = [crc["refused"]]
+    unc_tables: dict[str, Any] = {}
+    if c.uncertainty.enabled:
+        from medtrust.evaluation.seg_uncertainty import uncertainty_block
+
+        extra_blocks["uncertainty"], unc_tables, unc_per = uncertainty_block(
+            task, datamodule, split, target, per["dice"], thr, c, int(c.uncertainty.seed))
+        for k, v in unc_per.items():
+            per_image[k] = v
+        write_csv(tables["per_image"], per_image)
+        for name in ("qc_curve", "boundary"):
+            tables[name] = mdir / f"{split}_{name}.csv"
+            write_csv(tables[name], pd.DataFrame(unc_tables[name]))
     result: dict[str, Any] = {
+        **extra_blocks,
         "split": split, "task": task.task_name, "metric_group": task.metric_group, "metric_groups": ["seg", "cal"],
         "threshold": thr, "n_images": len(recs), "seg": seg, "cal": cal, "ci95": ci,
         "threshold_analysis": analysis, "data": datamodule.summary(),
@@ -185,6 +245,9 @@ def evaluate_segmentation(task: torch.nn.Module, datamodule: Any, split: str, ou
     figs: list[Path] = []
     if c.figures:
         figs = _figures(datamodule, split, probs, target, recs, per, seg, cal, sweep, pr, thr, out_dir / "figures" / split, c)
+        if unc_tables:
+            figs += _uncertainty_figures(datamodule, split, recs, per, target, unc_tables, out_dir / "figures" / split,
+                                         int(c.uncertainty.n_maps))
         result["figures"] = [str(p) for p in figs]
     if len(attrs.columns):
         result["subgroups"] = segmentation_subgroups(per_image, list(attrs.columns), tuple(sub_cfg.metrics),
@@ -226,6 +289,22 @@ def _figures(dm: Any, split: str, probs: torch.Tensor, target: torch.Tensor, rec
                                        float(pr["average_precision"])))
     paths.append(figures.plot_reliability(cal["reliability"], fig_dir / "reliability.png", cal["ece_positive"],
                                           what="pixels, positive class"))
+    return [Path(p) for p in paths]
+
+
+def _uncertainty_figures(dm: Any, split: str, recs: Sequence[dict], per: dict, target: torch.Tensor,
+                         t: Mapping[str, Any], fig_dir: Path, n_maps: int) -> list[Path]:
+    maps = t["maps"]
+    paths = [figures.plot_boundary_profile(t["boundary"], fig_dir / "boundary_confidence.png")]
+    if t["qc_curve"]:
+        paths.append(figures.plot_qc_curve(t["qc_curve"], fig_dir / "qc_curve.png"))
+    order = np.argsort(per["dice"], kind="stable")             # worst and best Dice first
+    ids = list(dict.fromkeys([*order[: max(1, n_maps // 2)], *order[::-1][: max(1, n_maps - n_maps // 2)]]))[:n_maps]
+    paths.append(figures.plot_uncertainty_maps(
+        [dm.raw_image(split, int(i)) for i in ids], [target[int(i), 0].numpy() for i in ids],
+        [maps["prob"][int(i), 0].numpy() for i in ids], [maps["entropy"][int(i), 0].numpy() for i in ids],
+        [maps["mutual_information"][int(i), 0].numpy() for i in ids],
+        [f"{recs[int(i)]['id']}\nDice {per['dice'][int(i)]:.3f}" for i in ids], fig_dir / "uncertainty_maps.png"))
     return [Path(p) for p in paths]
 
 

@@ -148,21 +148,27 @@ def fnr_curve(probs: torch.Tensor, masks: torch.Tensor, thresholds: Sequence[flo
     return np.stack(rows) if rows else np.zeros((0, len(t)))
 
 
-def crc_fnr_threshold(probs: torch.Tensor, masks: torch.Tensor, alpha: float, grid: int = 2001) -> dict[str, Any]:
-    """The largest pixel threshold t whose conformal risk bound on the image-mean FNR is <= alpha.
-
-    Images without a lesion have no FNR and are left out (counted in ``n_no_lesion``).
+def crc_from_curve(curve: np.ndarray, thresholds: Sequence[float], alpha: float, n_no_lesion: int = 0) -> dict[str, Any]:
+    """The largest threshold whose conformal risk bound ``n/(n+1) * mean FNR + 1/(n+1)`` is <= alpha, from
+    the calibration images' FNR curves (N_lesion × T, non-decreasing in the threshold).
 
     Raises:
         ValueError: fewer lesion images than ceil(1/alpha) - 1 (no threshold can give the bound).
     """
-    ts = np.linspace(0.0, 1.0, grid)
-    curve = fnr_curve(probs, masks, ts)
+    ts = np.asarray(thresholds, dtype=np.float64)
     n = len(curve)
     check_calibration_size(n, alpha, "conformal risk control (images with a lesion)")
     bound = n / (n + 1) * curve.mean(0) + 1 / (n + 1)           # non-decreasing in t
     ok = np.flatnonzero(bound <= alpha)
-    t = float(ts[ok[-1]]) if len(ok) else 0.0
-    return {"alpha": alpha, "threshold": t, "n_lesion": n, "n_no_lesion": int(len(probs) - n),
-            "fnr_on_fitted": float(curve[:, ok[-1]].mean()) if len(ok) else 0.0,
-            "bound_on_fitted": float(bound[ok[-1]]) if len(ok) else float(bound[0])}
+    i = int(ok[-1]) if len(ok) else 0
+    return {"alpha": alpha, "threshold": float(ts[i]) if len(ok) else 0.0, "n_lesion": n,
+            "n_no_lesion": int(n_no_lesion), "fnr_on_fitted": float(curve[:, i].mean()) if len(ok) else 0.0,
+            "bound_on_fitted": float(bound[i])}
+
+
+def crc_fnr_threshold(probs: torch.Tensor, masks: torch.Tensor, alpha: float, grid: int = 2001) -> dict[str, Any]:
+    """The largest pixel threshold t whose conformal risk bound on the image-mean FNR is <= alpha
+    (images without a lesion have no FNR and are left out, counted in ``n_no_lesion``)."""
+    ts = np.linspace(0.0, 1.0, grid)
+    curve = fnr_curve(probs, masks, ts)
+    return crc_from_curve(curve, ts, alpha, len(probs) - len(curve))

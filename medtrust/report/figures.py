@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -308,4 +309,52 @@ def plot_roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], 
     ax.set_ylabel("true-positive rate (injected images flagged)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_qc_curve(rows: Sequence[Mapping[str, float]], path: str | Path, what: str = "predictive entropy") -> Path:
+    """Quality control: mean Dice of the images kept against the fraction referred (most uncertain first),
+    with the oracle (worst Dice first) and random referral."""
+    f = [r["referred_fraction"] for r in rows]
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot(f, [r["dice_kept"] for r in rows], marker="o", ms=3, label=f"refer most uncertain ({what})")
+    ax.plot(f, [r["dice_kept_oracle"] for r in rows], ls="--", label="oracle (worst Dice first)")
+    ax.plot(f, [r["dice_kept_random"] for r in rows], ls=":", label="random")
+    ax.set_xlabel("fraction of images referred to a human")
+    ax.set_ylabel("mean Dice of the images kept")
+    ax.legend(fontsize=7)
+    ax.set_title("uncertainty-ranked quality control", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_boundary_profile(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Confidence, entropy and error rate against the signed distance to the ground-truth boundary."""
+    d = [r["distance_px"] for r in rows]
+    fig, ax = plt.subplots(figsize=(4.6, 3))
+    ax.plot(d, [r["confidence"] for r in rows], marker="o", ms=3, label="confidence max(p, 1-p)")
+    ax.plot(d, [r["entropy"] for r in rows], marker="s", ms=3, label="predictive entropy")
+    ax.plot(d, [r["error_rate"] for r in rows], marker="^", ms=3, label="pixel error rate")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("signed distance to the lesion boundary (px; > 0 inside)")
+    ax.legend(fontsize=7)
+    ax.set_title("confident at the core, unsure at the boundary?", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_uncertainty_maps(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], probs: Sequence[np.ndarray],
+                          entropy: Sequence[np.ndarray], mi: Sequence[np.ndarray], titles: Sequence[str],
+                          path: str | Path) -> Path:
+    """Rows = images: overlay (ground truth contour, prediction), probability, predictive entropy, mutual information."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 4, figsize=(8.4, 2.2 * n), squeeze=False)
+    for i in range(n):
+        overlay_axes(axes[i, 0], images[i], gts[i], (probs[i] >= 0.5).astype(float), titles[i])
+        for j, (m, name, vmax) in enumerate(((probs[i], "probability", 1.0), (entropy[i], "predictive entropy", np.log(2)),
+                                             (mi[i], "mutual information", None)), start=1):
+            im = axes[i, j].imshow(m, cmap="magma", vmin=0, vmax=vmax)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=8)
+            fig.colorbar(im, ax=axes[i, j], fraction=0.046)
     return _save(fig, path)

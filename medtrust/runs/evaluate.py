@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from medtrust.evaluation.config import check_evaluation
 from medtrust.report.html import build_run_report
 from medtrust.runs.builders import (
     data_config_for,
@@ -54,6 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("ensemble_runs"):
         return evaluate_run_ensemble(cfg, out_dir)
     run_dir = check_run_dir(cfg.run_dir)
+    check_evaluation(cfg.get("evaluation"))
     cls = task_class(run_dir)
     claim_run_dir(out_dir, {"kind": "evaluation", "run_dir": str(run_dir.resolve()), "task_name": cls.task_name})
     run_cfg = data_config_for(run_dir, cfg)
@@ -79,11 +81,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             extra["fitted_from"] = str(run_dir)
     evaluation = evaluation_config_for(run_cfg, cfg, run_dir)
     result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
+    _stop_if_refused(result)
     _score_ood(cfg, task, dm, out_dir, evaluation, fitted)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(run_cfg, resolve=True).encode())
     build_run_report(out_dir, task=cls, title=f"medtrust evaluation of {run_dir.name}")
     log.info(f"evaluation written to {out_dir}")
     return result.metrics
+
+
+def _stop_if_refused(result: Any) -> None:
+    """What the evaluation could not honour (``metrics["refused"]``, e.g. a calibration split too small
+    for the asked conformal alpha) stops evaluate.py with the message; train.py only warns (its run is kept)."""
+    refused = result.metrics.get("refused")
+    if refused:
+        raise ValueError("; ".join(str(r) for r in refused))
 
 
 def _score_ood(cfg: DictConfig, task: Any, dm: Any, out_dir: Path, evaluation: Any, fitted: Any) -> None:
@@ -129,6 +140,7 @@ def evaluate_run_ensemble(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     extra = {"ensemble_runs": [str(r) for r in runs], "checkpoint": str(cfg.checkpoint),
              "run_split_sha256": split_digest(runs[0])}
     result = head.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
+    _stop_if_refused(result)
     _score_ood(cfg, head, dm, out_dir, evaluation, fitted)
     build_run_report(out_dir, task=cls, title=f"medtrust ensemble of {len(runs)} runs")
     log.info(f"ensemble evaluation written to {out_dir}")

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from medtrust.callbacks.checkpoint_io import AtomicCheckpointIO
 from medtrust.callbacks.explanations import explanation_callbacks, selected_checkpoint
 from medtrust.report.figures import plot_curves
+from medtrust.evaluation.config import check_evaluation
 from medtrust.report.html import build_run_report
 from medtrust.runs.builders import build_task, instantiate_list, setup_runtime
 from medtrust.runs.resume import SigtermWatch, check_resume_config, record_resume, resume_checkpoint
@@ -188,6 +189,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                 update_run_json(run_dir, {"wandb_id": lg.experiment.id, "wandb_dir": str(run_dir / "wandb")})
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
+    check_evaluation(cfg.get("evaluation"))  # settings wrong whatever the data fail before training
     dm.setup("fit")  # reads + validates train/val now, so bad data fails before any training
     if dm.has_split("test"):
         dm.load_split("test")
@@ -240,6 +242,9 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
         splits = ["val"] + (["test"] if cfg.get("test", True) and dm.has_split("test") else [])
         for split in splits:
             results[split] = task.evaluate_split(dm, split, run_dir, cfg.get("evaluation"), extra, fitted)
+            for msg in results[split].metrics.get("refused") or []:
+                log.warning(f"{split}: refused: {msg} (the run and its other figures are kept; evaluate.py with other "
+                            "settings can give it)")
         _log_final(loggers, results, run_dir, cfg)
         training_curves(run_dir, str(cfg.model.get("monitor") or ""))
         report = build_run_report(run_dir, task=type(task), title=f"medtrust {task.task_name} run")
