@@ -91,6 +91,14 @@ def attention_unet(
     Raises:
         ValueError: strides/channels mismatch, bad norm, or an input size the strides cannot divide.
     """
+    channels, strides = _check(channels, strides, dropout, dropout_mode, norm, input_size)
+    net = AttentionUnet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
+                        strides=strides, kernel_size=kernel_size, up_kernel_size=up_kernel_size, dropout=dropout)
+    return _finish(net, norm, norm_groups, dropout_mode)
+
+
+def _check(channels: Sequence[int], strides: Sequence[int], dropout: float, dropout_mode: str, norm: str,
+           input_size: int | Sequence[int] | None) -> tuple[list[int], list[int]]:
     channels, strides = [int(c) for c in channels], [int(s) for s in strides]
     if len(strides) != len(channels) - 1:
         raise ValueError(f"model.net.strides needs len(channels)-1 = {len(channels) - 1} values, got {strides}")
@@ -109,10 +117,39 @@ def attention_unet(
                 f"input size {size} cannot be divided by the strides {strides}: every side must be a multiple "
                 f"of {divisor} (= product of model.net.strides); change data.image_size or the strides"
             )
-    net = AttentionUnet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
-                        strides=strides, kernel_size=kernel_size, up_kernel_size=up_kernel_size, dropout=dropout)
+    return channels, strides
+
+
+def _finish(net: nn.Module, norm: str, norm_groups: int, dropout_mode: str) -> nn.Module:
     if norm != "batch":
         replace_batchnorm(net, norm, norm_groups)
     if dropout_mode == "channel":
         use_channel_dropout(net)
     return net
+
+
+def plain_unet(
+    in_channels: int = 3,
+    out_channels: int = 1,
+    channels: Sequence[int] = (16, 32, 64, 128),
+    strides: Sequence[int] = (2, 2, 2),
+    dropout: float = 0.1,
+    dropout_mode: str = "element",
+    norm: str = "batch",
+    norm_groups: int = 8,
+    kernel_size: int = 3,
+    up_kernel_size: int = 3,
+    num_res_units: int = 2,
+    input_size: int | Sequence[int] | None = None,
+) -> nn.Module:
+    """MONAI's plain 2-D ``UNet`` with the Attention U-Net's levels, strides, kernels, dropout and
+    normalisation (the same checks): the control that measures what the attention gates add
+    (``model=unet``). ``num_res_units=2`` gives each level two convolutions, like the attention
+    model's blocks; the parameter counts are compared in ``tests/unit/nets``."""
+    from monai.networks.nets import UNet
+
+    channels, strides = _check(channels, strides, dropout, dropout_mode, norm, input_size)
+    net = UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels, strides=strides,
+               kernel_size=kernel_size, up_kernel_size=up_kernel_size, num_res_units=int(num_res_units),
+               dropout=dropout, norm="batch")
+    return _finish(net, norm, norm_groups, dropout_mode)

@@ -38,6 +38,21 @@ def report_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: 
             for s, m in metrics.items() if m.get("threshold_analysis")]
     if rows:
         out.append(ReportSection("segmentation/threshold_analysis.html.j2", {"rows": rows}))
+    unc = [{"split": s, "samples": u.get("samples"), "MC passes": u.get("mc_passes"), "flip views": u.get("flip_views"),
+            **{f"pixel-error AUROC ({k})": v for k, v in (u.get("pixel_error_auroc") or {}).items()},
+            **{f"rho(Dice, {k})": (r or {}).get("rho") for k, r in (u.get("spearman_uncertainty_vs_dice") or {}).items()},
+            **(u.get("qc") or {}), **{k: v for k, v in (u.get("boundary") or {}).items() if k.startswith("confidence")}}
+           for s, m in metrics.items() for u in [m.get("uncertainty") or {}] if u]
+    crc = [{"split": s, "threshold of": name, "alpha": c.get("alpha"), "fitted on": c.get("fitted_on"),
+            **{k: b.get(k) for k in ("threshold", "fnr_mean", "n_lesion", "precision_pixels", "precision_mean", "dice")},
+            "in-sample": c.get("in_sample")}
+           for s, m in metrics.items() for c in [m.get("conformal_fnr") or {}] if "conformal" in c
+           for name, b in (("conformal", c["conformal"]), ("model", c["model"]))]
+    bsplit = next((s for s in ("test", "val") if (run_dir / "metrics" / f"{s}_boundary.csv").is_file()), None)
+    boundary = pd.read_csv(run_dir / "metrics" / f"{bsplit}_boundary.csv").to_dict("records") if bsplit else []
+    if unc or crc:
+        out.append(ReportSection("segmentation/uncertainty.html.j2", {"rows": unc, "crc": crc, "boundary": boundary,
+                                                                       "boundary_split": bsplit}))
     for split in metrics:
         per = run_dir / "metrics" / f"{split}_per_image.csv"
         if not per.is_file():
