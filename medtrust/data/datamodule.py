@@ -396,6 +396,14 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
 
+    def mapped_dataset(self, split: str, fn: Any) -> CachedImageDataset:
+        """``split`` with every cached image passed through ``fn(index, uint8 H×W×C) -> uint8 H×W×C``
+        (e.g. a corruption), then this data's evaluation preprocessing; labels, masks and records kept."""
+        images, masks, recs = self.load_split(split)
+        out = [torch.from_numpy(np.ascontiguousarray(fn(i, im.permute(1, 2, 0).numpy()))).permute(2, 0, 1).contiguous()
+               for i, im in enumerate(images)]
+        return CachedImageDataset(out, masks, recs, self._eval_tf)
+
     def external_dataset(self, files: Sequence[str | Path], where: str) -> tuple[CachedImageDataset, list[dict[str, Any]]]:
         """Image files from elsewhere (e.g. an out-of-distribution set) at this data's evaluation
         preprocessing: read as this data's channels (PIL converts RGB <-> grayscale), resized like

@@ -134,6 +134,36 @@ def fit_calibration(task: torch.nn.Module, datamodule: Any, run_dir: str | Path,
     return {**out, "dir": str(Path(run_dir).resolve())}
 
 
+def cal_in_dir(calibration: Mapping[str, Any] | None) -> str:
+    return str((calibration or {}).get("dir") or "")
+
+
+def em_correction(fitted: Mapping[str, Any], unc: dict[str, torch.Tensor], labels: torch.Tensor | None, n_bins: int,
+                  split: str) -> dict[str, Any]:
+    """Replace ``unc["mean"]`` by the posteriors EM-adjusted to the priors it estimates on ``split``'s
+    predictions (Saerens et al. 2002); the source priors are the calibration split's class shares."""
+    from medtrust.evaluation.shift import source_prior
+    from medtrust.metrics.label_shift import em_priors
+
+    path = Path(str(fitted.get("dir", ""))) / CAL_PREDICTIONS_FILE
+    if not fitted.get("dir") or not path.is_file():
+        raise ValueError(f"shift.label_shift=em needs the run's {CAL_PREDICTIONS_FILE} (its class priors): "
+                         "evaluate.py ... refit=true writes it")
+    before = unc["mean"]
+    src = source_prior(pd.read_csv(path), before.shape[1])
+    em = em_priors(before.numpy(), src)
+    unc["mean"] = torch.from_numpy(em["probs"])
+    out: dict[str, Any] = {"method": "EM (Saerens et al. 2002)", "source_prior": src.tolist(),
+                           "source": f"class shares of the calibration split ({fitted.get('fitted_on')})",
+                           "estimated_prior": em["prior"].tolist(), "iterations": em["iterations"],
+                           "converged": em["converged"], "applied_to": f"{split}: the reported probabilities"}
+    if labels is not None:
+        out["true_prior"] = (torch.bincount(labels, minlength=before.shape[1]).double() / len(labels)).tolist()
+        out["before"] = _scalars(compute_classification_metrics(before.float(), labels, n_bins))
+    log.info(f"{split}: EM label-shift correction, priors {src.round(3).tolist()} -> {em['prior'].round(3).tolist()}")
+    return out
+
+
 def fit_ood(task: torch.nn.Module, datamodule: Any, run_dir: str | Path, c: Any, cal: Mapping[str, Any]) -> dict[str, Any]:
     """The OOD detectors' training features (``ood_fit.safetensors``) and their flag thresholds on the
     calibration split ``cal`` (each keeps ``ood.keep_in_distribution`` of its images)."""
@@ -251,6 +281,25 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
     c = evaluation_config("classification", cfg)
     out_dir = Path(out_dir)
     n_bins = int(c.calibration_bins)
+    sh = c.get("shift") or {}
+    shift_info: dict[str, Any] = {}
+    if (sh.get("adapt_bn") or sh.get("label_shift")) and all(r.get("label") is not None
+                                                            for r in datamodule.load_split(split)[2]):
+        # alone and together, every method: the same images as trained, with adapted BN, with EM priors
+        from medtrust.evaluation.shift import score_condition
+
+        path = Path(str(cal_in_dir(calibration))) / CAL_PREDICTIONS_FILE
+        cal_df = pd.read_csv(path) if path.is_file() else None
+        labels_ = torch.tensor([r["label"] for r in datamodule.load_split(split)[2]], dtype=torch.long)
+        shift_info["variants"] = score_condition(task, datamodule.dataloader(split), labels_, c, dict(calibration or {}),
+                                                 cal_df, {"adapt_bn": sh.get("adapt_bn"),
+                                                          "label_shift": sh.get("label_shift")}, int(c.mc_seed))
+    if sh.get("adapt_bn"):  # test-time adaptation: batch-norm statistics of the evaluated images (labels unused)
+        from medtrust.evaluation.shift import adapt_bn
+
+        task, n_bn = adapt_bn(task, datamodule.dataloader(split))
+        shift_info["adapt_bn"] = {"batchnorm_layers": n_bn, "adapted_on": f"{split} (its images, no labels)"}
+        log.info(f"{split}: batch-norm statistics of {n_bn} layers re-estimated on its images")
     coll = collect(task, datamodule, split, int(c.mc_seed))
     methods = method_logits(task, coll)
     cal_in = dict(calibration or {})
@@ -260,9 +309,13 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
         primary = primary_method(methods, str(c.uncertainty_method))
     t = float(temps.get(primary, 1.0)) if c.calibrate else 1.0
     unc = predictive_uncertainty(torch.softmax(methods[primary].double() / t, -1))
+    labels, recs = coll["labels"], coll["records"]
+    if sh.get("label_shift") == "em":
+        shift_info["label_shift"] = em_correction(cal_in, unc, labels, n_bins, split)
+    elif sh.get("label_shift") not in (None, "none"):
+        raise ValueError(f"shift.label_shift must be em or null, got {sh.get('label_shift')!r}")
     probs = unc["mean"].float()
     conf, pred = probs.max(1)
-    labels, recs = coll["labels"], coll["records"]
     thr = float(cal_in.get("quadrant_threshold", 0.5 if c.quadrant_threshold == "auto" else c.quadrant_threshold))
     fitted_on = cal_in.get("fitted_on") if cal_in else None
     in_sample = fitted_on == split
@@ -285,7 +338,7 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
         pred_df["ood_score"] = ood_score
         pred_df["ood_flag"] = ood_score > ood["threshold"]
     result: dict[str, Any] = {"split": split, "task": task.task_name, "metric_group": task.metric_group,
-                              "conformal": conformal, "ood_flag": ood,
+                              "conformal": conformal, "ood_flag": ood, **({"shift": shift_info} if shift_info else {}),
                               **({"refused": [conformal["refused"]]} if "refused" in conformal else {}),
                               "metric_groups": ["cls", "cal"], "n_images": len(recs), "n_classes": int(probs.shape[1]),
                               "method": primary, "temperature": t, "calibration": calib,

@@ -43,6 +43,14 @@ FIT_FILE = "ood_fit.safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+def eval_loader(dataset: Any, batch_size: int) -> Any:
+    """An in-order loader with its own generator: iterating it draws nothing from the global RNG, so the
+    MC-dropout masks seeded in :func:`collect_outputs` are those of ``datamodule.dataloader`` (same numbers)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0))
+
+
 def leaf_nets(net: torch.nn.Module) -> list[torch.nn.Module]:
     """The single networks of a (possibly nested) ensemble."""
     members = getattr(net, "members", None)
@@ -77,7 +85,7 @@ def member_features(task: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.T
 
 
 @torch.inference_mode()
-def collect_outputs(task: torch.nn.Module, loader: Any, seed: int = 0) -> dict[str, Any]:
+def collect_outputs(task: torch.nn.Module, loader: Any, seed: int = 0, features: bool = True) -> dict[str, Any]:
     """Member logits M×N×C, MC-dropout logits T×N×C (or None), features (name -> M×N×F) and labels
     (or None) of every image of ``loader`` in its order (MC masks from ``seed``, the global RNG restored)."""
     members, mc, feats, labels = [], [], [], []
@@ -92,12 +100,13 @@ def collect_outputs(task: torch.nn.Module, loader: Any, seed: int = 0) -> dict[s
             members.append(out["member_logits"].float().cpu())
             if "mc_logits" in out:
                 mc.append(out["mc_logits"].float().cpu())
-            feats.append({k: v.float().cpu() for k, v in member_features(task, x).items()})
+            if features:
+                feats.append({k: v.float().cpu() for k, v in member_features(task, x).items()})
             if "label" in batch:
                 labels.append(batch["label"])
     task.train(was)
     return {"member_logits": torch.cat(members, 1), "mc_logits": torch.cat(mc, 1) if mc else None,
-            "features": {k: torch.cat([f[k] for f in feats], 1) for k in feats[0]},
+            "features": {k: torch.cat([f[k] for f in feats], 1) for k in feats[0]} if feats else None,
             "labels": torch.cat(labels) if len(labels) == len(members) else None}
 
 
@@ -133,9 +142,14 @@ def load_state(run_dir: str | Path) -> dict[str, torch.Tensor] | None:
     if not p.is_file():
         return None
     try:
-        return load_file(str(p))
+        state = load_file(str(p))
     except Exception as err:  # noqa: BLE001 - a corrupt file is named, whatever the parser raised
         raise ValueError(f"{p}: not a readable safetensors file of OOD detector features ({err})") from err
+    if "labels" not in state or "features/final" not in state:
+        log.warning(f"{p}: no 'labels' and 'features/final' tensors (keys {sorted(state)[:6]}; an older format?): the "
+                    "feature detectors are left out; evaluate.py ... refit=true fits them again")
+        return None
+    return state
 
 
 def shrunk_mahalanobis(features: torch.Tensor, labels: torch.Tensor) -> Any:
@@ -337,8 +351,6 @@ def score_sets(task: torch.nn.Module, datamodule: Any, split: str, sets: Sequenc
     Raises:
         FileNotFoundError / ValueError / DataError: a set that does not exist, is empty or cannot be read.
     """
-    from torch.utils.data import DataLoader
-
     from medtrust.report import figures
     from medtrust.utils.io import write_csv, write_json
     from medtrust.utils.names import safe_filename
@@ -363,7 +375,7 @@ def score_sets(task: torch.nn.Module, datamodule: Any, split: str, sets: Sequenc
         log.info(f"{where}: {len(ds)} image(s) (native modes {modes}) read as {datamodule.channels} channel(s) at "
                  f"{datamodule.image_size} ({datamodule.resize}), normalised like the run's data"
                  + (f"; {len(skipped)} unreadable skipped (data.on_bad=skip)" if skipped else ""))
-        loader = DataLoader(ds, batch_size=datamodule.eval_batch_size, shuffle=False)
+        loader = eval_loader(ds, datamodule.eval_batch_size)
         out = collect_outputs(task, loader, int(c.mc_seed))
         scores = det.scores(out)
         name = set_name(spec, summary)

@@ -69,6 +69,20 @@ def report_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: 
         alpha = next(m["conformal"]["alpha"] for m in metrics.values() if (m.get("conformal") or {}).get("methods"))
         out.append(ReportSection("classification/conformal.html.j2", {"rows": conf, "alpha": alpha}))
     out += _ood_sections(run_dir, metrics)
+    sh = run_dir / "metrics" / "shift.json"
+    if sh.is_file():
+        from medtrust.utils.io import read_json
+
+        s = read_json(sh)
+        keep = ("variant", "method", "temperature_scaled", "severity", "accuracy", "ece_top_label", "brier", "nll",
+                "aleatoric", "epistemic")
+        out.append(ReportSection("classification/shift.html.j2", {
+            "headline": s.get("headline"), "ranking": (s.get("headline") or {}).get("ranking", []),
+            "by_severity": [{k: r.get(k) for k in keep} for r in s.get("by_severity", [])],
+            "split": s.get("split"), "n_images": s.get("n_images"), "severities": s.get("severities", []),
+            "prevalence": [{k: r.get(k) for k in ("positive_share", "n_images", "variant", "method", "temperature_scaled",
+                                                   "estimated_prior_1", "accuracy", "ece_top_label", "brier", "nll")}
+                           for r in s.get("prevalence", [])]}))
     for split in metrics:
         index = run_dir / "failure_cases" / split / "index.csv"
         if not index.is_file() or index.stat().st_size == 0:

@@ -358,3 +358,32 @@ def plot_uncertainty_maps(images: Sequence[np.ndarray], gts: Sequence[np.ndarray
                 axes[i, j].set_title(name, fontsize=8)
             fig.colorbar(im, ax=axes[i, j], fraction=0.046)
     return _save(fig, path)
+
+
+def plot_shift_boxes(df: Any, path: str | Path, metrics: Sequence[str] = ("accuracy", "ece_top_label", "brier",
+                                                                             "coverage_lac")) -> Path:
+    """Ovadia et al. (2019)-style shift figure: per metric, box plots over the corruptions at each severity
+    (severity 0 = clean), one box per method / temperature scaling / test-time variant."""
+    metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
+    combos = list(df.groupby(["variant", "method", "temperature_scaled"], sort=False).groups)
+    sev = sorted(df["severity"].unique())
+    width = 0.8 / max(1, len(combos))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for j, (v, meth, sc) in enumerate(combos):
+            sub = df[(df["variant"] == v) & (df["method"] == meth) & (df["temperature_scaled"] == sc)]
+            data = [sub[sub["severity"] == s][m].dropna().to_numpy() for s in sev]
+            pos = [i + (j - (len(combos) - 1) / 2) * width for i in range(len(sev))]
+            bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
+            for b in bp["boxes"]:
+                b.set_facecolor(colors[j % len(colors)])
+                b.set_alpha(0.7)
+            ax.plot([], [], color=colors[j % len(colors)], lw=6, alpha=0.7,
+                    label=f"{meth}{' +TS' if sc else ''}{'' if v == 'as trained' else ' ' + v}")
+        ax.set_xticks(range(len(sev)))
+        ax.set_xticklabels([str(s) if s else "clean" for s in sev])
+        ax.set_xlabel("corruption severity")
+        ax.set_title(m, fontsize=9)
+    axes[0, 0].legend(fontsize=6)
+    return _save(fig, path)

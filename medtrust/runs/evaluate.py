@@ -79,10 +79,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         fitted = cls.load_post_fit(run_dir)
         if fitted:
             extra["fitted_from"] = str(run_dir)
-    evaluation = evaluation_config_for(run_cfg, cfg, run_dir)
+    evaluation = _with_shift(cfg, evaluation_config_for(run_cfg, cfg, run_dir), cls)
     result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
     _stop_if_refused(result)
     _score_ood(cfg, task, dm, out_dir, evaluation, fitted)
+    _shift_benchmark(cfg, task, dm, out_dir, evaluation, fitted)
     atomic_write_bytes(out_dir / "config.yaml", OmegaConf.to_yaml(run_cfg, resolve=True).encode())
     build_run_report(out_dir, task=cls, title=f"medtrust evaluation of {run_dir.name}")
     log.info(f"evaluation written to {out_dir}")
@@ -95,6 +96,32 @@ def _stop_if_refused(result: Any) -> None:
     refused = result.metrics.get("refused")
     if refused:
         raise ValueError("; ".join(str(r) for r in refused))
+
+
+def _with_shift(cfg: DictConfig, evaluation: Any, cls: Any) -> Any:
+    """``shift.label_shift`` / ``shift.adapt_bn`` apply to the evaluated split: copied into the task's
+    evaluation settings (``evaluation.shift``), which must have them."""
+    from medtrust.evaluation.config import evaluation_config
+
+    sh = cfg.get("shift") or {}
+    asked = {k: sh.get(k) for k in ("label_shift", "adapt_bn") if sh.get(k)}
+    if not asked:
+        return evaluation
+    try:
+        evaluation = evaluation_config(cls.evaluation_config, evaluation)  # a run saved before a key existed
+    except FileNotFoundError:
+        pass
+    if evaluation is None or "shift" not in evaluation:
+        raise ValueError(f"shift.{'/'.join(asked)}: this run's task has no label-shift / batch-norm adaptation "
+                         "(classifier runs do)")
+    return OmegaConf.merge(evaluation, {"shift": asked})
+
+
+def _shift_benchmark(cfg: DictConfig, task: Any, dm: Any, out_dir: Path, evaluation: Any, fitted: Any) -> None:
+    """``shift=corruptions`` and ``shift.prevalence=[...]``: the task scores the split under shift."""
+    sh = cfg.get("shift") or {}
+    if sh.get("benchmark") or sh.get("prevalence"):
+        task.evaluate_shift(dm, _split(cfg), out_dir, evaluation, fitted, OmegaConf.to_container(sh, resolve=True))
 
 
 def _score_ood(cfg: DictConfig, task: Any, dm: Any, out_dir: Path, evaluation: Any, fitted: Any) -> None:
@@ -135,13 +162,14 @@ def evaluate_run_ensemble(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     members = load_run_models(runs, base, cfg)
     head = cls.ensemble_of([m.task for m in members])
     dm = instantiate(base.data)
-    evaluation = evaluation_config_for(base, cfg)  # no one member's settings: the file's
+    evaluation = _with_shift(cfg, evaluation_config_for(base, cfg), cls)  # no one member's settings: the file's
     fitted = head.post_fit(dm, out_dir, evaluation)
     extra = {"ensemble_runs": [str(r) for r in runs], "checkpoint": str(cfg.checkpoint),
              "run_split_sha256": split_digest(runs[0])}
     result = head.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
     _stop_if_refused(result)
     _score_ood(cfg, head, dm, out_dir, evaluation, fitted)
+    _shift_benchmark(cfg, head, dm, out_dir, evaluation, fitted)
     build_run_report(out_dir, task=cls, title=f"medtrust ensemble of {len(runs)} runs")
     log.info(f"ensemble evaluation written to {out_dir}")
     return result.metrics

@@ -18,6 +18,7 @@ the task provides                              used by
 ``compare``                                    ``evaluate.py run_dirs=[...]``
 ``ensemble_of`` (optional)                     ``evaluate.py ensemble_runs=[...]``
 ``score_ood`` (optional)                       ``evaluate.py ood.sets=[...]``
+``evaluate_shift`` (optional)                  ``evaluate.py shift=corruptions``, ``shift.prevalence=[...]``
 ``evaluation_config`` + the model config's      ``conf/evaluation/<task>.yaml`` and
 defaults (``/evaluation``, ``/callbacks``)     ``conf/callbacks/<task>.yaml``
 ============================================  =============================================
@@ -344,6 +345,15 @@ class TaskBase(L.LightningModule):
         """
         raise ValueError(f"ood.sets: {self.task_name} runs have no out-of-distribution detectors "
                          "(classifier runs do)")
+
+    def evaluate_shift(self, datamodule: Any, split: str, out_dir: Path, evaluation: Any = None,
+                       fitted: Mapping[str, Any] | None = None, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Score ``split`` under shift (``spec``: the ``shift`` config: a corruption benchmark, prevalences).
+
+        Raises:
+            ValueError: the task has no shift benchmark (the default).
+        """
+        raise ValueError(f"shift: {self.task_name} runs have no shift benchmark (classifier runs do)")
 
     def evaluate_split(self, datamodule: Any, split: str, out_dir: Path, evaluation: Any = None,
                        extra: Mapping[str, Any] | None = None,

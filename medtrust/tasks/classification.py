@@ -288,6 +288,31 @@ class ClassificationTask(TaskBase):
 
         return score_sets(self, datamodule, split, sets, out_dir, evaluation_config("classification", evaluation), fitted)
 
+    def evaluate_shift(self, datamodule: Any, split: str, out_dir: Path, evaluation: Any = None,
+                       fitted: Mapping[str, Any] | None = None, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The corruption benchmark (``spec["benchmark"] == "corruptions"``) and the prevalence shift
+        (``spec["prevalence"]``) of ``split``: ``metrics/shift.json`` and its tables and figures."""
+        from medtrust.evaluation.config import evaluation_config
+        from medtrust.evaluation.shift import corruption_benchmark, prevalence_shift
+        from medtrust.utils.io import read_json, write_csv, write_json
+
+        c = evaluation_config("classification", evaluation)
+        spec = dict(spec or {})
+        out: dict[str, Any] = {}
+        if spec.get("benchmark") == "corruptions":
+            out = corruption_benchmark(self, datamodule, split, out_dir, c, fitted, spec)
+        elif spec.get("benchmark"):
+            raise ValueError(f"shift.benchmark must be corruptions or null, got {spec['benchmark']!r}")
+        if spec.get("prevalence"):
+            import pandas as pd
+
+            rows = prevalence_shift(self, datamodule, split, c, fitted, list(spec["prevalence"]), int(spec.get("seed", 0)))
+            write_csv(Path(out_dir) / "metrics" / "shift_prevalence.csv", pd.DataFrame(rows))
+            path = Path(out_dir) / "metrics" / "shift.json"
+            out = {**(read_json(path) if path.is_file() else {}), "prevalence": rows}
+            write_json(path, out)
+        return out
+
     @classmethod
     def report_sections(cls, run_dir: Path, metrics: Mapping[str, Mapping[str, Any]]) -> list[ReportSection]:
         from medtrust.report.classification import report_sections

@@ -101,3 +101,45 @@ def test_bad_ood_sets_and_alpha_are_refused(run, tmp_path):
         assert r.returncode != 0 and "evaluation.conformal.alpha must lie in (0, 1)" in r.stderr
     r = run_script("evaluate.py", f"run_dir={run}", "evaluation.conformal.alpha=0.001", *FAST, check=False)
     assert r.returncode != 0 and "too few for alpha=0.001" in r.stderr and "999" in r.stderr
+
+
+def test_corruption_benchmark_prevalence_and_test_time_adaptation(run):
+    run_script("evaluate.py", f"run_dir={run}", "shift=corruptions", "shift.only=[gaussian_noise,contrast_down]",
+               "shift.severities=[1,5]", "shift.adapt_bn=true", "shift.label_shift=em", "shift.prevalence=[0.3,0.7]",
+               "evaluation.bootstrap=0", "evaluation.explanation_stability_samples=0", "evaluation.subgroups.bootstrap=0")
+    out = _latest(run)
+    df = pd.read_csv(out / "metrics" / "shift_corruptions.csv")
+    # (clean + 2 corruptions x 2 severities) x 4 variants x (2 methods x with / without temperature)
+    assert len(df) == 5 * 4 * 4 and set(df["variant"]) == {"as trained", "adapt_bn", "em", "adapt_bn+em"}
+    # clean, as trained: the run's own test figures for every method (the same probabilities)
+    own = pd.read_csv(run / "metrics" / "test_methods.csv")
+    clean = df[(df["severity"] == 0) & (df["variant"] == "as trained")]
+    for _, r in own.iterrows():
+        got = clean[(clean["method"] == r["method"]) & (clean["temperature_scaled"] == r["temperature_scaled"])]
+        assert got["ece_top_label"].iloc[0] == pytest.approx(r["ece_top_label"], abs=1e-6)
+        assert got["accuracy"].iloc[0] == pytest.approx(r["accuracy"], abs=1e-9)
+    noisy = df[(df["corruption"] == "gaussian_noise") & (df["severity"] == 5)]
+    assert not np.allclose(noisy[noisy["variant"] == "adapt_bn"]["nll"], noisy[noisy["variant"] == "as trained"]["nll"])
+    assert {"coverage_lac", "coverage_aps", "coverage_raps", "aleatoric", "epistemic"} <= set(df)
+    res = json.loads((out / "metrics" / "shift.json").read_text())
+    ranking = [r["mean_ece"] for r in res["headline"]["ranking"]]
+    assert ranking == sorted(ranking) and res["headline"]["mean_ece"] == ranking[0]
+    assert (out / "figures" / "shift" / "corruptions.png").is_file()
+    prev = pd.DataFrame(res["prevalence"])
+    assert set(prev["positive_share"]) == {0.3, 0.7} and set(prev["variant"]) == {"as trained", "em"}
+    assert prev[prev["variant"] == "em"]["estimated_prior_1"].notna().all()
+    # the evaluated split itself: adapted and EM-corrected, with every variant alongside
+    test = json.loads((out / "metrics" / "test.json").read_text())
+    assert test["shift"]["adapt_bn"]["batchnorm_layers"] > 0 and test["shift"]["label_shift"]["converged"]
+    assert len(test["shift"]["variants"]) == 16
+    page = (out / "report" / "index.html").read_text()
+    assert "Under shift" in page and "Prevalence shift" in page
+
+
+def test_shift_settings_are_checked(run, tiny_run):
+    r = run_script("evaluate.py", f"run_dir={run}", "shift=corruptions", "shift.only=[fog]", *FAST, check=False)
+    assert r.returncode != 0 and "shift.only: ['fog'] not in shift.corruptions" in r.stderr
+    r = run_script("evaluate.py", f"run_dir={run}", "shift=corruptions", "shift.severities=[0,6]", *FAST, check=False)
+    assert r.returncode != 0 and "shift.severities must be values in 1..5" in r.stderr
+    r = run_script("evaluate.py", f"run_dir={tiny_run}", "shift.adapt_bn=true", check=False)   # a segmenter
+    assert r.returncode != 0 and "classifier runs do" in r.stderr
