@@ -361,16 +361,21 @@ def plot_uncertainty_maps(images: Sequence[np.ndarray], gts: Sequence[np.ndarray
 
 
 def plot_shift_boxes(df: Any, path: str | Path, metrics: Sequence[str] = ("accuracy", "ece_top_label", "brier",
-                                                                             "coverage_lac")) -> Path:
+                                                                             "coverage_lac", "aleatoric", "epistemic")) -> Path:
     """Ovadia et al. (2019)-style shift figure: per metric, box plots over the corruptions at each severity
-    (severity 0 = clean), one box per method / temperature scaling / test-time variant."""
+    (severity 0 = clean), one box per method / temperature scaling / test-time variant; the last two panels
+    are the uncertainty decomposition (mean expected entropy = aleatoric, mutual information = epistemic)."""
     metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
     combos = list(df.groupby(["variant", "method", "temperature_scaled"], sort=False).groups)
     sev = sorted(df["severity"].unique())
     width = 0.8 / max(1, len(combos))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    ncol = min(3, len(metrics))
+    nrow = -(-len(metrics) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.4 * nrow), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, metrics):
         for j, (v, meth, sc) in enumerate(combos):
             sub = df[(df["variant"] == v) & (df["method"] == meth) & (df["temperature_scaled"] == sc)]
             data = [sub[sub["severity"] == s][m].dropna().to_numpy() for s in sev]
@@ -383,7 +388,9 @@ def plot_shift_boxes(df: Any, path: str | Path, metrics: Sequence[str] = ("accur
                     label=f"{meth}{' +TS' if sc else ''}{'' if v == 'as trained' else ' ' + v}")
         ax.set_xticks(range(len(sev)))
         ax.set_xticklabels([str(s) if s else "clean" for s in sev])
-        ax.set_xlabel("corruption severity")
         ax.set_title(m, fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("corruption severity")
     axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
     return _save(fig, path)
