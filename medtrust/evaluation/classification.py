@@ -134,6 +134,28 @@ def fit_calibration(task: torch.nn.Module, datamodule: Any, run_dir: str | Path,
     return {**out, "dir": str(Path(run_dir).resolve())}
 
 
+def recalibration_block(c: Any, fitted: Mapping[str, Any], methods: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                        method_rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    """Every method without recalibration, with its temperature and with each netcal recalibrator (fitted on
+    the calibration split's unscaled probabilities, ``calibration_predictions.csv``) on ``split``."""
+    from medtrust.evaluation.shift import METRICS, fit_recalibrators, recalibrated_rows
+
+    if not list(c.get("recalibration") or []):
+        return {}
+    path = Path(cal_in_dir(fitted)) / CAL_PREDICTIONS_FILE
+    if not fitted.get("dir") or not path.is_file():
+        return {"unavailable": f"no {CAL_PREDICTIONS_FILE} in the run: evaluate.py ... refit=true"}
+    recal = fit_recalibrators(pd.read_csv(path), c)
+    out = [{"method": r["method"], "recalibration": "temperature" if r["temperature_scaled"] else "none",
+            **{k: r.get(k) for k in METRICS}} for r in method_rows]
+    for name, smp in methods.items():
+        if name in recal:
+            out += [{"method": name, **r} for r in recalibrated_rows(smp, labels, recal[name], int(c.calibration_bins))]
+    fitted_on = fitted.get("fitted_on")
+    return {"fitted_on": f"{fitted_on} (unscaled probabilities, {CAL_PREDICTIONS_FILE})", "reported_on": split,
+            "in_sample": fitted_on == split, "rows": out}
+
+
 def cal_in_dir(calibration: Mapping[str, Any] | None) -> str:
     return str((calibration or {}).get("dir") or "")
 
@@ -379,6 +401,10 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
                          **{k: v for k, v in m.items() if k != "reliability"}})
     tables["methods"] = mdir / f"{split}_methods.csv"
     write_csv(tables["methods"], pd.DataFrame(rows))
+    recal = recalibration_block(c, cal_in, methods, labels, rows, split)
+    if recal.get("rows"):
+        tables["recalibration"] = mdir / f"{split}_recalibration.csv"
+        write_csv(tables["recalibration"], pd.DataFrame(recal["rows"]))
     cls = compute_classification_metrics(probs, labels, n_bins)
     uncal = compute_classification_metrics(probs_of(methods[primary], 1.0), labels, n_bins)
     cis = _cis(probs, labels, n_bins, int(c.bootstrap))
@@ -410,7 +436,7 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
     result.update({
         "cls": _scalars(cls), "cls_uncalibrated": _scalars(uncal), "ci95": cis,
         "cal": {k: cls[k] for k in ("ece_top_label", "ece_positive", "brier") if k in cls} | {"reliability": cls["reliability"]},
-        "methods": rows, "quadrants": quadrants,
+        "methods": rows, "quadrants": quadrants, "recalibration": recal,
     })
     if len(attrs.columns):
         result["subgroups"] = classification_subgroups(pred_df, list(attrs.columns), probs.shape[1],

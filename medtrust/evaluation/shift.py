@@ -97,9 +97,37 @@ def variant_name(bn: bool, em: bool) -> str:
     return "+".join(n for n, on in (("adapt_bn", bn), ("em", em)) if on) or "as trained"
 
 
+def fit_recalibrators(cal: pd.DataFrame | None, c: Any) -> dict[str, dict[str, Any]]:
+    """netcal's recalibrators of every method, fitted on the calibration split's unscaled probabilities."""
+    from medtrust.metrics import recalibration
+
+    names = list(c.get("recalibration") or [])
+    if cal is None or not names:
+        return {}
+    out = {}
+    for method in sorted({col.split("/")[0] for col in cal.columns if "/raw/" in col}):
+        cols = sorted((col for col in cal.columns if col.startswith(f"{method}/raw/")), key=lambda x: int(x.rsplit("p", 1)[1]))
+        out[method] = recalibration.fit(cal[cols].to_numpy(), cal["label"].to_numpy(), names, int(c.recalibration_bins))
+    return out
+
+
+def recalibrated_rows(samples: torch.Tensor, labels: torch.Tensor, fitted: Mapping[str, Any], n_bins: int) -> list[dict[str, Any]]:
+    """Metrics of one method's unscaled probabilities after each fitted recalibrator."""
+    from medtrust.metrics import recalibration
+    from medtrust.metrics.classification import compute_classification_metrics
+
+    raw = torch.softmax(samples.double(), -1).mean(0).numpy()
+    rows = []
+    for name, q in recalibration.apply(fitted, raw).items():
+        m = compute_classification_metrics(torch.from_numpy(q).float(), labels, n_bins)
+        rows.append({"recalibration": name, **{k: m.get(k) for k in METRICS}})
+    return rows
+
+
 def score_condition(task: torch.nn.Module, loader: Any, labels: torch.Tensor, c: Any, fitted: Mapping[str, Any],
-                    cal: pd.DataFrame | None, spec: Mapping[str, Any], seed: int) -> list[dict[str, Any]]:
-    """Rows (variant × method × scaling) of one set of images."""
+                    cal: pd.DataFrame | None, spec: Mapping[str, Any], seed: int,
+                    recal: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows (variant × method × recalibration: none, temperature, netcal's) of one set of images."""
     from medtrust.evaluation.classification import method_logits
     from medtrust.evaluation.ood import collect_outputs
 
@@ -118,7 +146,11 @@ def score_condition(task: torch.nn.Module, loader: Any, labels: torch.Tensor, c:
                     continue
                 t = float(temps[method]) if scaled else 1.0
                 rows.append({"variant": variant_name(bn, em), "method": method, "temperature_scaled": scaled,
+                             "recalibration": "temperature" if scaled else "none",
                              **_score(samples, t, labels, prior if em else None, c, cal, method, scaled)})
+            if not em and recal and method in recal:
+                rows += [{"variant": variant_name(bn, em), "method": method, "temperature_scaled": False, **r}
+                         for r in recalibrated_rows(samples, labels, recal[method], int(c.calibration_bins))]
     return rows
 
 
@@ -151,19 +183,20 @@ def corruption_benchmark(task: torch.nn.Module, dm: Any, split: str, out_dir: st
     cal_path = Path(str(fitted.get("dir", ""))) / CAL_PREDICTIONS_FILE
     cal = pd.read_csv(cal_path) if fitted.get("dir") and cal_path.is_file() else None
     seed = int(spec.get("seed", 0))
+    recal = fit_recalibrators(cal, c)
     rows = []
     conditions = [("clean", 0)] + [(n, s) for n in table for s in sev]
     for k, (name, s) in enumerate(conditions):
         ds = dm.dataset(split) if s == 0 else dm.mapped_dataset(
             split, lambda i, im, n=name, p=table[name][s - 1], kk=k: corrupt(im, n, p, seed * 1_000_003 + kk * 10_007 + i))
         loader = eval_loader(ds, dm.eval_batch_size)
-        for r in score_condition(task, loader, labels, c, fitted, cal, spec, int(c.mc_seed)):
+        for r in score_condition(task, loader, labels, c, fitted, cal, spec, int(c.mc_seed), recal):
             rows.append({"corruption": name, "severity": s, "parameter": None if s == 0 else table[name][s - 1], **r})
         log.info(f"shift: {name} severity {s} ({k + 1}/{len(conditions)})")
     df = pd.DataFrame(rows)
     mdir = Path(out_dir) / "metrics"
     write_csv(mdir / "shift_corruptions.csv", df)
-    keys = ["variant", "method", "temperature_scaled"]
+    keys = ["variant", "method", "recalibration"]
     summary = (df.groupby([*keys, "severity"])[[m for m in (*METRICS, "aleatoric", "epistemic") if m in df]]
                .mean(numeric_only=True).reset_index())
     worst = df[df["severity"] == max(sev)].groupby(keys)["ece_top_label"].mean().sort_values()
@@ -173,9 +206,10 @@ def corruption_benchmark(task: torch.nn.Module, dm: Any, split: str, out_dir: st
               "calibration_predictions": str(cal_path) if cal is not None else None,
               "by_severity": summary.to_dict("records"),
               "headline": {"best_calibrated_at_severity": max(sev), "variant": head[0], "method": head[1],
-                           "temperature_scaled": bool(head[2]), "mean_ece": float(worst.iloc[0]),
-                           "ranking": [{"variant": v, "method": m, "temperature_scaled": bool(t), "mean_ece": float(e)}
-                                       for (v, m, t), e in worst.items()]},
+                           "recalibration": head[2], "mean_ece": float(worst.iloc[0]),
+                           "recalibrators_fitted_on": "the calibration split's unscaled probabilities" if recal else None,
+                           "ranking": [{"variant": v, "method": m, "recalibration": r, "mean_ece": float(e)}
+                                       for (v, m, r), e in worst.items()]},
               "note": "means over the corruptions at each severity; severity 0 = clean images"}
     if spec.get("figures", True):
         from medtrust.report import figures

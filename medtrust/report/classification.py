@@ -68,13 +68,17 @@ def report_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: 
     if conf:
         alpha = next(m["conformal"]["alpha"] for m in metrics.values() if (m.get("conformal") or {}).get("methods"))
         out.append(ReportSection("classification/conformal.html.j2", {"rows": conf, "alpha": alpha}))
+    recal = [{"split": s, **r, "in-sample": m["recalibration"].get("in_sample")}
+             for s, m in metrics.items() for r in (m.get("recalibration") or {}).get("rows", [])]
+    if recal:
+        out.append(ReportSection("classification/recalibration.html.j2", {"rows": recal}))
     out += _ood_sections(run_dir, metrics)
     sh = run_dir / "metrics" / "shift.json"
     if sh.is_file():
         from medtrust.utils.io import read_json
 
         s = read_json(sh)
-        keep = ("variant", "method", "temperature_scaled", "severity", "accuracy", "ece_top_label", "brier", "nll",
+        keep = ("variant", "method", "recalibration", "severity", "accuracy", "ece_top_label", "brier", "nll",
                 "aleatoric", "epistemic")
         out.append(ReportSection("classification/shift.html.j2", {
             "headline": s.get("headline"), "ranking": (s.get("headline") or {}).get("ranking", []),

@@ -366,6 +366,7 @@ def plot_shift_boxes(df: Any, path: str | Path, metrics: Sequence[str] = ("accur
     (severity 0 = clean), one box per method / temperature scaling / test-time variant; the last two panels
     are the uncertainty decomposition (mean expected entropy = aleatoric, mutual information = epistemic)."""
     metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
+    df = df[df["recalibration"].isin(["none", "temperature"])] if "recalibration" in df else df  # netcal: the CSV
     combos = list(df.groupby(["variant", "method", "temperature_scaled"], sort=False).groups)
     sev = sorted(df["severity"].unique())
     width = 0.8 / max(1, len(combos))

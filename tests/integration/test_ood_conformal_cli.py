@@ -63,6 +63,14 @@ def test_training_writes_what_conformal_and_ood_need(run):
         hit = [str(y) in s.split("|") for y, s in zip(preds["label"], preds[f"set_{m}"])]
         assert block["coverage"] == pytest.approx(np.mean(hit))            # the column is what was scored
         assert block["mean_size"] == pytest.approx(np.mean([len(s.split("|")) if s else 0 for s in preds[f"set_{m}"]]))
+    recal = pd.read_csv(run / "metrics" / "test_recalibration.csv")
+    assert len(recal) == 2 * 5 and set(recal["recalibration"]) == {"none", "temperature", "histogram_binning",
+                                                                    "isotonic", "beta"}
+    own = pd.read_csv(run / "metrics" / "test_methods.csv")
+    for _, r in own.iterrows():   # the none / temperature rows are the methods table's
+        got = recal[(recal["method"] == r["method"]) &
+                    (recal["recalibration"] == ("temperature" if r["temperature_scaled"] else "none"))]
+        assert got["nll"].iloc[0] == pytest.approx(r["nll"])
     f = test["ood_flag"]
     assert f["detector"] == "mahalanobis_layers" and preds["ood_flag"].mean() == pytest.approx(f["flagged"])
     assert ((preds["ood_score"] > f["threshold"]) == preds["ood_flag"].astype(str).eq("True")).all()
@@ -109,8 +117,13 @@ def test_corruption_benchmark_prevalence_and_test_time_adaptation(run):
                "evaluation.bootstrap=0", "evaluation.explanation_stability_samples=0", "evaluation.subgroups.bootstrap=0")
     out = _latest(run)
     df = pd.read_csv(out / "metrics" / "shift_corruptions.csv")
-    # (clean + 2 corruptions x 2 severities) x 4 variants x (2 methods x with / without temperature)
-    assert len(df) == 5 * 4 * 4 and set(df["variant"]) == {"as trained", "adapt_bn", "em", "adapt_bn+em"}
+    # (clean + 2 corruptions x 2 severities) x 4 variants x (2 methods x with / without temperature) ...
+    plain = df[df["recalibration"].isin(["none", "temperature"])]
+    assert len(plain) == 5 * 4 * 4 and set(df["variant"]) == {"as trained", "adapt_bn", "em", "adapt_bn+em"}
+    # ... and netcal's three recalibrators for each method in the variants without EM priors
+    netcal = df[~df["recalibration"].isin(["none", "temperature"])]
+    assert len(netcal) == 5 * 2 * 2 * 3 and set(netcal["recalibration"]) == {"histogram_binning", "isotonic", "beta"}
+    df = plain
     # clean, as trained: the run's own test figures for every method (the same probabilities)
     own = pd.read_csv(run / "metrics" / "test_methods.csv")
     clean = df[(df["severity"] == 0) & (df["variant"] == "as trained")]
