@@ -73,6 +73,23 @@ def pick_batches(dice: np.ndarray, k: int) -> dict[str, np.ndarray]:
     }
 
 
+BATCHES = {"a": "a_average", "b": "b_best", "c": "c_worst"}
+
+
+def batch_indices(task: torch.nn.Module, datamodule: Any, split: str, batch: str, k: int) -> list[int]:
+    """The images of GlassBox batch ``a`` (closest to the mean Dice), ``b`` (best) or ``c`` (worst) of ``split``
+    at the model's threshold (explain.py ``batch=a|b|c``).
+
+    Raises:
+        ValueError: another batch name.
+    """
+    if str(batch).lower() not in BATCHES:
+        raise ValueError(f"batch must be a, b or c (GlassBox's average, best and worst batches), got {batch!r}")
+    pred = predict_split(task, datamodule, split)
+    dice = per_image_scores(compute_confusion(pred["prob"], pred["mask"], float(task.threshold)))["dice"].numpy()
+    return [int(i) for i in pick_batches(dice, k)[BATCHES[str(batch).lower()]]]
+
+
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     p = p.clamp(1e-6, 1 - 1e-6)
     return -(p * p.log() + (1 - p) * (1 - p).log())
@@ -277,12 +294,14 @@ def _figures(dm: Any, split: str, probs: torch.Tensor, target: torch.Tensor, rec
     n = min(int(c.n_overlays), len(recs))
     paths.append(figures.plot_overlay_grid(*sample(range(n)), fig_dir / "overlays.png",
                                            suptitle=f"{split}: first {n} images"))
+    confusion = compute_confusion(probs, target, thr)
     for name, ids in pick_batches(per["dice"], int(c.batch_size_abc)).items():
         ims, gts, preds, titles = sample(ids)
         label = {"a_average": "A (average Dice)", "b_best": "B (best Dice)", "c_worst": "C (worst Dice)"}[name]
-        mean = float(np.mean(per["dice"][ids]))
+        bm = compute_segmentation_metrics(confusion[torch.as_tensor(np.array(ids, dtype=np.int64))])
+        six = ", ".join(f"{k} {bm[k]:.3f}" for k in ("dice", "iou", "precision", "recall", "accuracy", "f1"))
         paths.append(figures.plot_batch(ims, gts, preds, titles, fig_dir / f"batch_{name}.png",
-                                        f"{split} batch {label}: mean Dice {mean:.3f} (split mean {seg['dice']:.3f})"))
+                                        f"{split} batch {label}: {six}\n(split mean Dice {seg['dice']:.3f})"))
     paths.append(figures.plot_confusion(seg, fig_dir / "confusion_matrix.png", f"{split} pixel confusion matrix"))
     paths.append(figures.plot_threshold_sweep(sweep, fig_dir / "threshold_sweep.png", thr))
     paths.append(figures.plot_pr_curve(pr["precision"].numpy(), pr["recall"].numpy(), fig_dir / "pr_curve.png",
@@ -308,9 +327,13 @@ def _uncertainty_figures(dm: Any, split: str, recs: Sequence[dict], per: dict, t
     return [Path(p) for p in paths]
 
 
-def compare_segmenters(runs: Sequence[Any], datamodule: Any, split: str, out_dir: Path, n_show: int = 6) -> list[dict[str, Any]]:
+def compare_segmenters(runs: Sequence[Any], datamodule: Any, split: str, out_dir: Path, n_show: int = 6,
+                       on: str = "differ") -> list[dict[str, Any]]:
     """Segmenter runs on the same images: the summary metrics of each (at its own threshold), and
-    a figure of the ``n_show`` images on which their per-image Dice differs most."""
+    a figure of ``n_show`` images: those on which their per-image Dice differs most (``on="differ"``) or
+    GlassBox's batch ``a`` / ``b`` / ``c`` of the first run (``evaluation.compare_on``)."""
+    if on not in ("differ", *BATCHES):
+        raise ValueError(f"evaluation.compare_on must be differ, a, b or c, got {on!r}")
     rows, preds, dices = [], {}, {}
     gt = None
     for r in runs:
@@ -322,10 +345,15 @@ def compare_segmenters(runs: Sequence[Any], datamodule: Any, split: str, out_dir
         dices[r.label] = per_image_scores(conf)["dice"].numpy()
         gt = out["mask"].numpy()[:, 0]
     spread = np.stack(list(dices.values())).std(0)
-    ids = np.argsort(-spread, kind="stable")[: int(n_show)]
+    if on == "differ":
+        ids = np.argsort(-spread, kind="stable")[: int(n_show)]
+        what = "images where the runs' Dice differs most"
+    else:
+        ids = pick_batches(next(iter(dices.values())), int(n_show))[BATCHES[on]]
+        what = f"GlassBox batch {on.upper()} of {runs[0].label}"
     images = [datamodule.raw_image(split, int(i)) for i in ids]
     figures.plot_comparison(images, [gt[i] for i in ids], {k: [v[i] for i in ids] for k, v in preds.items()},
                             {k: [float(v[i]) for i in ids] for k, v in dices.items()},
                             Path(out_dir) / "figures" / "comparison" / "comparison.png",
-                            suptitle=f"{split}: images where the runs' Dice differs most")
+                            suptitle=f"{split}: {what}")
     return rows

@@ -53,12 +53,14 @@ def _sanity(methods: dict[str, ExplanationMethod], x: ExplainInputs, maps: dict[
 
 
 def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg: DictConfig, out_dir: Path,
-                seed: int = 0, evaluation: Any = None) -> dict[str, Any]:
-    """Compute the configured methods and metrics on the first ``n_images`` of ``split`` and write
-    ``explanations/<map>/<id>.{npz,png}``, the comparison grid and ``metrics/explanations.json``."""
+                seed: int = 0, evaluation: Any = None, indices: list[int] | None = None) -> dict[str, Any]:
+    """Compute the configured methods and metrics on the first ``n_images`` of ``split`` (or on ``indices``)
+    and write ``explanations/<map>/<id>.{npz,png}``, the comparison grid and ``metrics/explanations.json``."""
     methods = build_methods(xcfg.methods)
     for m in methods.values():
         m.check(task)
+    if indices is not None:
+        return _explain(task, dm, split, list(indices), xcfg, out_dir, seed, evaluation, methods)
     indices = list(range(len(dm.dataset(split))))
     want = xcfg.get("select_label")
     if want is not None:  # e.g. only the injected images of a real-vs-synthetic set: the ones with an artifact mask
@@ -66,7 +68,11 @@ def explain_run(task: torch.nn.Module, dm: Any, split: str, n_images: int, xcfg:
         indices = [i for i in indices if recs[i].get("label") is not None and int(recs[i]["label"]) == int(want)]
         if not indices:
             raise ValueError(f"xai.select_label={want}: no image of split {split!r} has that label")
-    indices = indices[:int(n_images)]
+    return _explain(task, dm, split, indices[:int(n_images)], xcfg, out_dir, seed, evaluation, methods)
+
+
+def _explain(task: torch.nn.Module, dm: Any, split: str, indices: list[int], xcfg: DictConfig, out_dir: Path,
+             seed: int, evaluation: Any, methods: dict[str, ExplanationMethod]) -> dict[str, Any]:
     ref_cfg = xcfg.get("reference")
     reference, ref_info = reference_images(dm, OmegaConf.to_container(ref_cfg) if ref_cfg is not None else None)
     x, masks, labels, ids = gather(task, dm, split, indices, OmegaConf.to_container(xcfg.target), seed,
@@ -161,8 +167,21 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = data_config_for(run_dir, cfg)
     task = rebuild_task(run_cfg, find_checkpoint(run_dir, str(cfg.checkpoint)))
     dm = instantiate(run_cfg.data)
+    indices = None
+    if cfg.get("batch"):  # GlassBox's batches: A average, B best, C worst Dice of the split
+        if not cls.has_pixel_probabilities:
+            raise ValueError(f"batch={cfg.batch}: GlassBox batches rank images by Dice; {cls.task_name} runs have none "
+                             "(segmenter runs do)")
+        from medtrust.evaluation.segmentation import batch_indices
+
+        indices = batch_indices(task, dm, str(cfg.split), str(cfg.batch), int(cfg.n_images))
+        log.info(f"batch {cfg.batch}: images {indices} of {cfg.split}")
     res = explain_run(task, dm, str(cfg.split), int(cfg.n_images), cfg.xai, out_dir, int(cfg.seed),
-                      run_cfg.get("evaluation"))
+                      run_cfg.get("evaluation"), indices)
+    if cfg.get("batch"):  # which GlassBox batch these images are, in the written result too
+        res["batch"] = {"name": str(cfg.batch).lower(), "indices": indices,
+                        "rule": "a: closest to the split's mean Dice, b: best Dice, c: worst Dice (model threshold)"}
+        write_json(out_dir / "metrics" / "explanations.json", res)
     build_run_report(out_dir, task=cls, title=f"medtrust explanations of {run_dir.name}")
     loc = res.get("localisation", {})
     log.info(f"explanations written to {out_dir}: " + ", ".join(

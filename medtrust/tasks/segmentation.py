@@ -223,4 +223,7 @@ class SegmentationTask(TaskBase):
                 evaluation: Any = None, n_show: int = 6) -> list[dict[str, Any]]:
         from medtrust.evaluation.segmentation import compare_segmenters
 
-        return compare_segmenters(runs, datamodule, split, out_dir, n_show)
+        from medtrust.evaluation.config import evaluation_config
+
+        on = str(evaluation_config("segmentation", evaluation).get("compare_on", "differ"))
+        return compare_segmenters(runs, datamodule, split, out_dir, n_show, on)

@@ -76,3 +76,20 @@ def test_alpha_is_refitted_at_evaluation_and_bad_alpha_is_refused(run):
     r = run_script("train.py", *TINY_MODEL, "evaluation.conformal.alpha=-1", check=False)
     assert r.returncode != 0 and "evaluation.conformal.alpha must lie in (0, 1)" in r.stderr
     assert "Epoch" not in r.stderr                                      # refused before training
+
+
+def test_explain_glassbox_batches_and_compare_on_batch_a(run, tmp_path):
+    out = tmp_path / "ex"
+    run_script("explain.py", f"run_dir={run}", "batch=c", "n_images=2", f"hydra.run.dir={out}")
+    res = json.loads((out / "metrics" / "explanations.json").read_text())
+    per = pd.read_csv(run / "metrics" / "test_per_image.csv")
+    worst = list(np.argsort(per["dice"].to_numpy(), kind="stable")[:2])
+    assert res["batch"]["name"] == "c" and res["batch"]["indices"] == [int(i) for i in worst] and res["n_images"] == 2
+    r = run_script("explain.py", f"run_dir={run}", "batch=d", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    assert r.returncode != 0 and "batch must be a, b or c" in r.stderr
+    run_script("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=a", "n_compare=3",
+               f"hydra.run.dir={tmp_path / 'cmp'}")
+    assert (tmp_path / "cmp" / "figures" / "comparison" / "comparison.png").is_file()
+    r = run_script("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=z",
+                   f"hydra.run.dir={tmp_path / 'cmp2'}", check=False)
+    assert r.returncode != 0 and "evaluation.compare_on must be differ, a, b or c" in r.stderr
