@@ -396,6 +396,14 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
 
+    def augmented_dataset(self, split: str, augment: Mapping[str, Any], seed: int = 0) -> CachedImageDataset:
+        """``split`` through the given augmentation blocks (``data.augment`` layout: each with ``enabled``,
+        ``prob`` and bounds; geometric ones move the mask too), seeded, then normalised: a test-time
+        preprocessing condition."""
+        images, masks, recs = self.load_split(split)
+        tf = build_transforms(augment, self.channels, self.normalize, train=True, with_mask=True, seed=seed)
+        return CachedImageDataset(images, masks, recs, tf)
+
     def mapped_dataset(self, split: str, fn: Any) -> CachedImageDataset:
         """``split`` with every cached image passed through ``fn(index, uint8 H×W×C) -> uint8 H×W×C``
         (e.g. a corruption), then this data's evaluation preprocessing; labels, masks and records kept."""

@@ -53,6 +53,16 @@ def report_sections(run_dir: Path, metrics: Mapping[str, Mapping[str, Any]], k: 
     if unc or crc:
         out.append(ReportSection("segmentation/uncertainty.html.j2", {"rows": unc, "crc": crc, "boundary": boundary,
                                                                        "boundary_split": bsplit}))
+    sh = run_dir / "metrics" / "shift.json"
+    if sh.is_file():
+        from medtrust.utils.io import read_json
+
+        pp = read_json(sh)
+        if pp.get("preprocessing"):
+            keep = ("augmentation", "applied", "dice", "delta_dice", "iou", "delta_iou", "precision", "delta_precision",
+                    "recall", "delta_recall", "accuracy", "delta_accuracy", "f1", "delta_f1", "reason")
+            out.append(ReportSection("segmentation/preprocessing.html.j2", {
+                "split": pp.get("split"), "rows": [{k: r.get(k) for k in keep if k in r} for r in pp["preprocessing"]]}))
     for split in metrics:
         per = run_dir / "metrics" / f"{split}_per_image.csv"
         if not per.is_file():

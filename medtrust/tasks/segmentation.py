@@ -218,6 +218,30 @@ class SegmentationTask(TaskBase):
 
         return trust_summary(run_dir, metrics)
 
+    def evaluate_shift(self, datamodule: Any, split: str, out_dir: Path, evaluation: Any = None,
+                       fitted: Mapping[str, Any] | None = None, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``shift=preprocessing``: the split with each of the 15 augmentations applied at test time
+        (``metrics/shift_preprocessing.csv``, ``metrics/shift.json``)."""
+        import pandas as pd
+
+        from medtrust.evaluation.segmentation import preprocessing_table
+        from medtrust.utils.io import write_csv, write_json
+
+        spec = dict(spec or {})
+        if spec.get("benchmark") != "preprocessing" or spec.get("prevalence"):
+            raise ValueError(f"shift: segmenter runs have the preprocessing benchmark (shift=preprocessing), got "
+                             f"benchmark={spec.get('benchmark')!r}, prevalence={spec.get('prevalence')}")
+        rows = preprocessing_table(self, datamodule, split, dict(spec.get("augment") or datamodule.augment or {}),
+                                   int(spec.get("seed", 0)))
+        write_csv(Path(out_dir) / "metrics" / "shift_preprocessing.csv",
+                  pd.DataFrame([{k: v for k, v in r.items() if k != "settings"} for r in rows]))
+        out = {"split": split, "preprocessing": rows,
+               "note": "each augmentation at probability 1 with the run's data.augment bounds, seeded; geometric ones "
+                       "transform the ground truth too; metrics at the model's threshold (pooled pixels; Dice and IoU "
+                       "per-image means)"}
+        write_json(Path(out_dir) / "metrics" / "shift.json", out)
+        return out
+
     @classmethod
     def compare(cls, runs: Sequence[RunModel], datamodule: Any, split: str, out_dir: Path,
                 evaluation: Any = None, n_show: int = 6) -> list[dict[str, Any]]:

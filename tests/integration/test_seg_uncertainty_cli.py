@@ -93,3 +93,22 @@ def test_explain_glassbox_batches_and_compare_on_batch_a(run, tmp_path):
     r = run_script("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=z",
                    f"hydra.run.dir={tmp_path / 'cmp2'}", check=False)
     assert r.returncode != 0 and "evaluation.compare_on must be differ, a, b or c" in r.stderr
+
+
+def test_test_time_preprocessing_table(run, tmp_path):
+    out = tmp_path / "pp"
+    run_script("evaluate.py", f"run_dir={run}", "shift=preprocessing", "evaluation.uncertainty.enabled=false",
+               "evaluation.bootstrap=0", f"hydra.run.dir={out}")
+    df = pd.read_csv(out / "metrics" / "shift_preprocessing.csv")
+    assert len(df) == 16 and df["applied"].all()                   # clean + 15 (RGB phantom: colour ones apply)
+    test = json.loads((out / "metrics" / "test.json").read_text())
+    clean = df[df["augmentation"] == "none (clean)"].iloc[0]
+    for k in ("iou", "precision", "recall", "f1"):                 # the clean row is the evaluation's own figures
+        assert clean[k] == pytest.approx(test["seg"][k], abs=1e-9)
+    row = df.set_index("augmentation")
+    assert (row["delta_dice"] == row["dice"] - clean["dice"]).all() or np.allclose(row["delta_dice"], row["dice"] - clean["dice"])
+    assert not np.allclose(row.loc["erosion", ["dice", "precision", "recall"]].astype(float),
+                           clean[["dice", "precision", "recall"]].astype(float))   # it did change the images
+    assert "Effect of test-time preprocessing" in (out / "report" / "index.html").read_text()
+    r = run_script("evaluate.py", f"run_dir={run}", "shift=corruptions", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    assert r.returncode != 0 and "segmenter runs have the preprocessing benchmark" in r.stderr
