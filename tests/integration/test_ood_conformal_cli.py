@@ -112,17 +112,17 @@ def test_bad_ood_sets_and_alpha_are_refused(run, tmp_path):
 
 
 def test_corruption_benchmark_prevalence_and_test_time_adaptation(run):
-    run_script("evaluate.py", f"run_dir={run}", "shift=corruptions", "shift.only=[gaussian_noise,contrast_down]",
-               "shift.severities=[1,5]", "shift.adapt_bn=true", "shift.label_shift=em", "shift.prevalence=[0.3,0.7]",
+    run_script("evaluate.py", f"run_dir={run}", "shift=corruptions", "shift.only=[gaussian_noise]",
+               "shift.severities=[5]", "shift.adapt_bn=true", "shift.label_shift=em", "shift.prevalence=[0.3,0.7]",
                "evaluation.bootstrap=0", "evaluation.explanation_stability_samples=0", "evaluation.subgroups.bootstrap=0")
     out = _latest(run)
     df = pd.read_csv(out / "metrics" / "shift_corruptions.csv")
-    # (clean + 2 corruptions x 2 severities) x 4 variants x (2 methods x with / without temperature) ...
+    # (clean + 1 corruption x 1 severity) x 4 variants x (2 methods x with / without temperature) ...
     plain = df[df["recalibration"].isin(["none", "temperature"])]
-    assert len(plain) == 5 * 4 * 4 and set(df["variant"]) == {"as trained", "adapt_bn", "em", "adapt_bn+em"}
+    assert len(plain) == 2 * 4 * 4 and set(df["variant"]) == {"as trained", "adapt_bn", "em", "adapt_bn+em"}
     # ... and netcal's three recalibrators for each method in the variants without EM priors
     netcal = df[~df["recalibration"].isin(["none", "temperature"])]
-    assert len(netcal) == 5 * 2 * 2 * 3 and set(netcal["recalibration"]) == {"histogram_binning", "isotonic", "beta"}
+    assert len(netcal) == 2 * 2 * 2 * 3 and set(netcal["recalibration"]) == {"histogram_binning", "isotonic", "beta"}
     df = plain
     # clean, as trained: the run's own test figures for every method (the same probabilities)
     own = pd.read_csv(run / "metrics" / "test_methods.csv")
