@@ -80,6 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if fitted:
             extra["fitted_from"] = str(run_dir)
     evaluation = _with_shift(cfg, evaluation_config_for(run_cfg, cfg, run_dir), cls)
+    _check_ood_sets(cfg)  # a missing or empty set stops before anything is computed
     result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
     _stop_if_refused(result)
     _score_ood(cfg, task, dm, out_dir, evaluation, fitted)
@@ -122,6 +123,15 @@ def _shift_benchmark(cfg: DictConfig, task: Any, dm: Any, out_dir: Path, evaluat
     sh = cfg.get("shift") or {}
     if sh.get("benchmark") or sh.get("prevalence"):
         task.evaluate_shift(dm, _split(cfg), out_dir, evaluation, fitted, OmegaConf.to_container(sh, resolve=True))
+
+
+def _check_ood_sets(cfg: DictConfig) -> None:
+    from medtrust.evaluation.ood import list_images
+
+    sets = (cfg.get("ood") or {}).get("sets")
+    if sets and not isinstance(sets, str):
+        for i, spec in enumerate(sets):
+            list_images(str(spec), f"ood.sets[{i}]")
 
 
 def _score_ood(cfg: DictConfig, task: Any, dm: Any, out_dir: Path, evaluation: Any, fitted: Any) -> None:
