@@ -197,9 +197,11 @@ def fit_ood(task: torch.nn.Module, datamodule: Any, run_dir: str | Path, c: Any,
         raise ValueError(f"evaluation.ood.keep_in_distribution must lie in (0, 1), got {keep}")
     train = collect_outputs(task, datamodule.dataloader("train"), int(c.mc_seed))
     state = fit_state(train, int(o.max_fit_images), int(c.mc_seed))
-    state.update(Detectors(list(o.detectors), state, int(o.knn_k)).layer_reference(cal))
-    save_state(run_dir, state)
     det = Detectors(list(o.detectors), state, int(o.knn_k))
+    ref = det.layer_reference(cal)
+    state.update(ref)
+    det.ref = {k.removeprefix("ref/"): v for k, v in ref.items()}
+    save_state(run_dir, state)
     return {"features_from": f"train ({len(state['labels'])} of {len(train['labels'])} images)",
             "thresholds": thresholds(det.scores(cal), keep), "keep_in_distribution": keep,
             "thresholds_fitted_on": f"{calibration_split(datamodule, str(c.calibration_split))} "
