@@ -154,19 +154,20 @@ def score_condition(task: torch.nn.Module, loader: Any, labels: torch.Tensor, c:
     return rows
 
 
-def corruption_benchmark(task: torch.nn.Module, dm: Any, split: str, out_dir: str | Path, c: Any,
-                         fitted: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Every condition × variant × method on ``split``: ``metrics/shift.json``, ``metrics/shift_corruptions.csv``
-    and ``figures/shift/corruptions.png``.
+def check_spec(spec: Mapping[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """The corruption table and severities ``spec`` (the ``shift`` config) asks for, checked without
+    touching an image (evaluate.py calls it before the evaluation, so a typo costs seconds).
 
     Raises:
-        ValueError: unknown corruptions, severities outside 1..5, or an unlabelled split.
+        ValueError: unknown corruptions or parameters, severities outside 1..5, prevalence ratios outside (0, 1).
     """
-    from medtrust.data.corruptions import check_table, corrupt, describe
-    from medtrust.evaluation.classification import CAL_PREDICTIONS_FILE
-    from medtrust.utils.io import write_csv, write_json
+    from medtrust.data.corruptions import check_table
 
-    fitted = dict(fitted or {})
+    for r in spec.get("prevalence") or []:
+        if not 0 < float(r) < 1:
+            raise ValueError(f"shift.prevalence ratios must lie in (0, 1), got {r}")
+    if not spec.get("corruptions"):
+        return {}, []
     table = check_table(dict(spec["corruptions"]))
     if spec.get("only"):
         unknown = [n for n in spec["only"] if n not in table]
@@ -176,6 +177,23 @@ def corruption_benchmark(task: torch.nn.Module, dm: Any, split: str, out_dir: st
     sev = [int(s) for s in spec.get("severities", [1, 2, 3, 4, 5])]
     if not sev or any(s not in range(1, 6) for s in sev):
         raise ValueError(f"shift.severities must be values in 1..5, got {sev}")
+    return table, sev
+
+
+def corruption_benchmark(task: torch.nn.Module, dm: Any, split: str, out_dir: str | Path, c: Any,
+                         fitted: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Every condition × variant × method on ``split``: ``metrics/shift.json``, ``metrics/shift_corruptions.csv``
+    and ``figures/shift/corruptions.png``.
+
+    Raises:
+        ValueError: unknown corruptions, severities outside 1..5, or an unlabelled split.
+    """
+    from medtrust.data.corruptions import corrupt, describe
+    from medtrust.evaluation.classification import CAL_PREDICTIONS_FILE
+    from medtrust.utils.io import write_csv, write_json
+
+    fitted = dict(fitted or {})
+    table, sev = check_spec(spec)
     labels_ = [r.get("label") for r in dm.load_split(split)[2]]
     if any(y is None for y in labels_):
         raise ValueError(f"shift=corruptions needs labelled images; split {split!r} has images without a label")

@@ -80,7 +80,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if fitted:
             extra["fitted_from"] = str(run_dir)
     evaluation = _with_shift(cfg, evaluation_config_for(run_cfg, cfg, run_dir), cls)
-    _check_ood_sets(cfg)  # a missing or empty set stops before anything is computed
+    # a missing, empty or unreadable OOD set and a mistyped shift benchmark stop before anything is computed
+    _check_ood_sets(cfg, str(run_cfg.data.get("on_bad", "error")))
+    _check_shift(cfg)
     result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
     _stop_if_refused(result)
     _score_ood(cfg, task, dm, out_dir, evaluation, fitted)
@@ -125,13 +127,21 @@ def _shift_benchmark(cfg: DictConfig, task: Any, dm: Any, out_dir: Path, evaluat
         task.evaluate_shift(dm, _split(cfg), out_dir, evaluation, fitted, OmegaConf.to_container(sh, resolve=True))
 
 
-def _check_ood_sets(cfg: DictConfig) -> None:
-    from medtrust.evaluation.ood import list_images
+def _check_ood_sets(cfg: DictConfig, on_bad: str) -> None:
+    from medtrust.evaluation.ood import check_readable, list_images
 
     sets = (cfg.get("ood") or {}).get("sets")
     if sets and not isinstance(sets, str):
         for i, spec in enumerate(sets):
-            list_images(str(spec), f"ood.sets[{i}]")
+            check_readable(list_images(str(spec), f"ood.sets[{i}]"), f"ood.sets[{i}]", on_bad)
+
+
+def _check_shift(cfg: DictConfig) -> None:
+    from medtrust.evaluation.shift import check_spec
+
+    sh = cfg.get("shift") or {}
+    if sh.get("benchmark") == "corruptions" or sh.get("prevalence"):
+        check_spec(OmegaConf.to_container(sh, resolve=True))
 
 
 def _score_ood(cfg: DictConfig, task: Any, dm: Any, out_dir: Path, evaluation: Any, fitted: Any) -> None:
