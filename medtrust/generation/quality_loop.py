@@ -383,7 +383,7 @@ class QualityLoop:
         return out
 
     def _figures(self, rows: pd.DataFrame, sets: Mapping[str, torch.Tensor]) -> list[Path]:
-        from medtrust.report.figures import plot_image_grid
+        from medtrust.report.figures import figure_dpi, plot_image_grid
 
         folder = self.run_dir / "figures" / "quality_loop"
         n = int(self.eval_cfg["n_show"])
@@ -416,7 +416,7 @@ class QualityLoop:
             fig.tight_layout()
             p = folder / "ratings_before_after.png"
             p.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(p, dpi=120)
+            fig.savefig(p, dpi=figure_dpi())
             plt.close(fig)
             out.append(p)
         return out
