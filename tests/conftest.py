@@ -17,6 +17,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("CI", "true")  # quiet progress bars in subprocesses
+# Draft figures: saving every run's figures at 110 dpi is about a third of a tiny run's time; the tests
+# check that figures are drawn and saved, not their resolution (tests/unit/report tests the setting).
+os.environ.setdefault("MEDTRUST_FIGURE_DPI", "40")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core: one torch thread each
     import torch
 
@@ -35,6 +38,48 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, check: bool = True, ti
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def refused(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python <script> args...`` in this process, for a run that must be refused: the script's own
+    ``__main__`` block (argument checks, Hydra, the error path) without a new interpreter's ~10 s of
+    imports. Returns what ``run_script(..., check=False)`` would (return code, stdout, stderr) and
+    fails if the script succeeded. Global state a run sets (RNG states, torch threads, cwd, argv,
+    environment) is restored afterwards, so later tests in the worker see what they saw before."""
+    import contextlib
+    import io
+    import random
+    import runpy
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    state = (sys.argv[:], os.getcwd(), dict(os.environ), torch.get_rng_state(), np.random.get_state(),
+             random.getstate(), torch.get_num_threads())
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    os.environ.update({"CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"})
+    os.chdir(ROOT)
+    sys.argv = [str(ROOT / script), *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        if not isinstance(exc.code, int) and exc.code is not None:
+            err.write(str(exc.code))
+    finally:
+        sys.argv, cwd, env, rng, nprng, pyrng, threads = state
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_rng_state(rng)
+        np.random.set_state(nprng)
+        random.setstate(pyrng)
+        torch.set_num_threads(threads)
+        GlobalHydra.instance().clear()
+    if code == 0:
+        raise AssertionError(f"{script} {' '.join(args)} was expected to be refused but succeeded:\n{out.getvalue()[-3000:]}")
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def run_script_capped(script: str, *args: str, max_rss_mb: int, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tests.conftest import run_script
+from tests.conftest import refused, run_script
 
 TINY = ["experiment=safegen", "threads=1", "data.source.n_images=120", "data.source.size=32", "data.image_size=[32,32]",
         "trainer.max_epochs=2", "model.net.block_out_channels=[16,32]", "model.net.attention_levels=[false,true]",
@@ -70,15 +70,14 @@ def test_evaluate_builds_the_benchmark_from_the_test_rows_of_any_manifest(anomal
 
 
 def test_too_few_clean_images_for_the_statistics_are_refused(tmp_path):
-    proc = run_script("train.py", *TINY, "model.scoring.min_clean_images=500", f"hydra.run.dir={tmp_path / 'r'}",
-                      check=False, timeout=900)
+    proc = refused("train.py", *TINY, "model.scoring.min_clean_images=500", f"hydra.run.dir={tmp_path / 'r'}")
     out = proc.stderr + proc.stdout
     assert proc.returncode != 0 and "clean real images: at least 500 are needed" in out
 
 
 def test_a_bad_model_key_names_it(tmp_path):
-    proc = run_script("train.py", *TINY, "+model.reconstruction.steps=3", "train=false",
-                      f"hydra.run.dir={tmp_path / 'r'}", check=False)
+    proc = refused("train.py", *TINY, "+model.reconstruction.steps=3", "train=false",
+                   f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode != 0 and "model.reconstruction: unknown key(s) ['steps']" in proc.stderr + proc.stdout
 
 
@@ -102,11 +101,11 @@ def test_the_autoencoder_baseline_is_scored_on_the_same_benchmark_images(anomaly
 
 
 def test_another_reconstruction_at_evaluation_needs_the_statistics_fitted_again(anomaly_run, tmp_path):
-    proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.reconstruction.k=2",
-                      f"hydra.run.dir={tmp_path / 'a'}", check=False)
+    proc = refused("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.reconstruction.k=2",
+                   f"hydra.run.dir={tmp_path / 'a'}")
     assert proc.returncode != 0 and "pass refit=true" in proc.stderr + proc.stdout
-    proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.scoring.image_score=top_k",
-                      f"hydra.run.dir={tmp_path / 'c'}", check=False)
+    proc = refused("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.scoring.image_score=top_k",
+                   f"hydra.run.dir={tmp_path / 'c'}")
     assert proc.returncode != 0 and "fitted for scoring" in proc.stderr + proc.stdout
     run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", "evaluation.reconstruction.k=2", "refit=true",
                "evaluation.reconstruction.t0=[20,50]", "evaluation.scoring.image_score=top_k",
@@ -169,8 +168,8 @@ def test_imported_ratings_are_scored_for_agreement_and_against_the_map(anomaly_r
     assert r["correlation_with_map"]["overall"]["n"] == 24
     bad = tmp_path / "bad.csv"
     sim.assign(region=sim.region.replace("background", "left lung")).to_csv(bad, index=False)
-    proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", f"evaluation.ratings={bad}",
-                      f"hydra.run.dir={tmp_path / 'ev2'}", check=False)
+    proc = refused("evaluate.py", f"run_dir={anomaly_run}", "threads=1", f"evaluation.ratings={bad}",
+                   f"hydra.run.dir={tmp_path / 'ev2'}")
     assert proc.returncode != 0 and "unknown region(s) ['left lung']" in proc.stderr + proc.stdout
 
 
@@ -181,8 +180,8 @@ def test_imported_ratings_are_scored_for_agreement_and_against_the_map(anomaly_r
     ("data.channels=3", "data.normalize mean/std need 3 values"),
 ])
 def test_images_of_another_size_or_channel_count_are_refused(anomaly_run, tmp_path, override, msg):
-    proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", *override.split(),
-                      f"hydra.run.dir={tmp_path / 'ev'}", check=False)
+    proc = refused("evaluate.py", f"run_dir={anomaly_run}", "threads=1", *override.split(),
+                   f"hydra.run.dir={tmp_path / 'ev'}")
     assert proc.returncode != 0 and msg in proc.stderr + proc.stdout
 
 
@@ -233,6 +232,6 @@ def test_generated_samples_are_a_fifth_cohort_flagged_against_clean_real_images(
     rows = pd.read_csv(tmp_path / "e" / "metrics" / "test_generated.csv")
     assert len(rows) == 4 and set(rows.modality) == {"cxr"}
     big = _generated_folder(tmp_path / "big", 48, n=2)
-    proc = run_script("evaluate.py", f"run_dir={anomaly_run}", "threads=1", f"evaluation.generated={big}",
-                      f"hydra.run.dir={tmp_path / 'f'}", check=False)
+    proc = refused("evaluate.py", f"run_dir={anomaly_run}", "threads=1", f"evaluation.generated={big}",
+                   f"hydra.run.dir={tmp_path / 'f'}")
     assert proc.returncode != 0 and "img_0.png: a generated image of 48×48" in proc.stderr + proc.stdout

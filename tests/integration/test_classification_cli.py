@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import SHARED_DATA, run_script, write_png
+from tests.conftest import SHARED_DATA, refused, run_script, write_png
 
 pytestmark = pytest.mark.integration
 TINY_CLS = ["experiment=tmv_mc_dropout", "data.source.n_images=80", "data.source.size=32", "data.image_size=[32,32]",
@@ -149,15 +149,13 @@ def test_ensemble_assembled_from_run_folders_and_mismatch_refused(cls_run, tmp_p
     assert res["method"] == "ensemble" and len(res["ensemble_runs"]) == 2
     assert "ensemble" in json.loads((out / "calibration.json").read_text())["temperatures"]
     bigger = _copy_run(cls_run, tmp_path / "bigger", {"data.image_size": [40, 40]})
-    proc = run_script("evaluate.py", f"ensemble_runs=[{cls_run},{bigger}]", f"hydra.run.dir={tmp_path / 'bad'}",
-                      check=False)
+    proc = refused("evaluate.py", f"ensemble_runs=[{cls_run},{bigger}]", f"hydra.run.dir={tmp_path / 'bad'}")
     assert proc.returncode != 0 and "runs differ in data.image_size" in proc.stderr
     # a member trained on another split of the same data (e.g. data.splits.seed=7): one member's training
     # patients would be scored as the other's test images -> refused, naming the split digests
     leaky = _copy_run(cls_run, tmp_path / "leaky", split_sha="0" * 64)
     for key in ("ensemble_runs", "run_dirs"):
-        proc = run_script("evaluate.py", f"{key}=[{cls_run},{leaky}]", f"hydra.run.dir={tmp_path / ('bad_' + key)}",
-                          check=False)
+        proc = refused("evaluate.py", f"{key}=[{cls_run},{leaky}]", f"hydra.run.dir={tmp_path / ('bad_' + key)}")
         assert proc.returncode != 0 and "different splits" in proc.stderr and "000000000000" in proc.stderr, \
             proc.stderr[-2000:]
 
@@ -186,7 +184,7 @@ def test_explain_classifier_gradcam_scorecam_stability_vs_uncertainty(cls_run):
     assert sal["threshold"] == 0.9 and sal["spearman_abs"] < 0.9 and sal["passes"] is True
     assert all(v["passes"] == (v["spearman_abs"] is not None and v["spearman_abs"] < 0.9) for v in res["sanity"].values())
     assert (out / "figures" / "explanations" / "grid.png").is_file()
-    proc = run_script("explain.py", f"run_dir={cls_run}", "xai=segmentation", check=False)
+    proc = refused("explain.py", f"run_dir={cls_run}", "xai=segmentation")
     assert proc.returncode != 0 and "does not apply to a classification task" in proc.stderr
 
 
@@ -221,5 +219,5 @@ def test_three_class_classifier_end_to_end(tmp_path):
                "xai.methods.gradcam.layers=[net.backbone.layer2]", "xai.stability_methods=[]", "xai.faithfulness=null")
     ex = sorted((run / "explanations").iterdir())[-1]
     assert json.loads((ex / "metrics" / "explanations.json").read_text())["target"]["class"] == 2
-    proc = run_script("explain.py", f"run_dir={run}", "xai.target.class=3", check=False)
+    proc = refused("explain.py", f"run_dir={run}", "xai.target.class=3")
     assert proc.returncode != 0 and "class index in [0, 3)" in proc.stderr

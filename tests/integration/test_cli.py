@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, TINY, TINY_MODEL, run_script, run_script_capped
+from tests.conftest import SHARED_DATA, TINY, TINY_MODEL, refused, run_script, run_script_capped
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,7 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
 
 def test_a_new_run_never_writes_into_an_existing_run_folder(tiny_run):
     before = sha(tiny_run / "metrics" / "test.json")
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={tiny_run}", check=False)
+    proc = refused("train.py", *TINY, f"hydra.run.dir={tiny_run}")
     assert proc.returncode != 0 and "already holds a run" in proc.stderr
     assert sha(tiny_run / "metrics" / "test.json") == before
 
@@ -164,12 +164,12 @@ def test_csv_run_evaluated_on_the_test_rows_of_another_manifest(csv_dataset, tmp
     (["loss=nope"], "nope"),
 ])
 def test_train_bad_input_gives_one_clear_message(args, msg, tmp_path):
-    proc = run_script("train.py", *TINY_MODEL, *args, f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    proc = refused("train.py", *TINY_MODEL, *args, f"hydra.run.dir={tmp_path / 'bad'}")
     assert proc.returncode != 0 and msg in proc.stderr
 
 
 def test_evaluate_bad_run_dir(tmp_path):
-    proc = run_script("evaluate.py", f"run_dir={tmp_path / 'missing'}", check=False)
+    proc = refused("evaluate.py", f"run_dir={tmp_path / 'missing'}")
     assert proc.returncode != 0 and "folder not found" in proc.stderr
     assert not (tmp_path / "missing").exists()  # nothing was created for a bad run_dir
 
@@ -228,9 +228,9 @@ def test_explain_writes_maps_grid_and_every_explanation_metric(tiny_run):
     assert len(list((out / "explanations" / "ig_black").glob("*.npz"))) == 3
     assert len(list((out / "explanations" / "ig_black").glob("*.png"))) == 3 + 1  # per image + strip
     assert (out / "figures" / "explanations" / "grid.png").is_file()
-    proc = run_script("explain.py", f"run_dir={tiny_run}", "xai.methods.gradcam.layers=[net.nope]", check=False)
+    proc = refused("explain.py", f"run_dir={tiny_run}", "xai.methods.gradcam.layers=[net.nope]")
     assert proc.returncode != 0 and "available module paths" in proc.stderr
-    proc = run_script("explain.py", f"run_dir={tiny_run}", "xai=classification", check=False)
+    proc = refused("explain.py", f"run_dir={tiny_run}", "xai=classification")
     assert proc.returncode != 0 and "does not apply to a segmentation task" in proc.stderr
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import refused, run_script
 
 DATA = ["threads=1", "data.source.n_images=60", "data.source.size=32", "data.image_size=[32,32]", "data.batch_size=8",
         "data.eval_batch_size=16", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
@@ -89,12 +89,12 @@ def test_generate_command_writes_seeded_images_with_their_csv_and_never_overwrit
     assert rows["steps"].tolist() == [3, 3]  # the run's model.sampling (evaluation.sampling is evaluation's)
     for name in sorted((tmp_path / "a" / "images").iterdir()):
         assert name.read_bytes() == (tmp_path / "b" / "images" / name.name).read_bytes()
-    again = run_script("generate.py", *args, f"out_dir={tmp_path / 'a'}", check=False)
+    again = refused("generate.py", *args, f"out_dir={tmp_path / 'a'}")
     assert again.returncode != 0 and "exists" in again.stderr + again.stdout
 
 
 def test_stage_two_without_a_stage_one_run_names_the_key(tmp_path):
-    proc = run_script("train.py", "experiment=minim", *DATA, *GEN, f"hydra.run.dir={tmp_path / 'x'}", check=False)
+    proc = refused("train.py", "experiment=minim", *DATA, *GEN, f"hydra.run.dir={tmp_path / 'x'}")
     assert proc.returncode != 0 and "model.vae_run is not set" in (proc.stdout + proc.stderr)
     assert not list(Path(tmp_path / "x").rglob("*.ckpt"))  # stopped before any training
 

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import refused, run_script
 from tests.integration.test_generation_cli import DATA, GEN, VAE
 
 EVAL = ["evaluation.sampling.steps=2", "evaluation.prompts_per_modality=1", "evaluation.evaluator.epochs=1",
@@ -121,9 +121,9 @@ def test_lora_weights_refuse_another_base_and_min_score_needs_a_selector(loop, t
     run_script("train.py", "experiment=minim", f"model.vae_run={loop / 'base_vae'}", *DATA, *GEN,
                "model.unet.block_out_channels=[16,16]", "test=false", *EVAL, "threads=1",
                f"hydra.run.dir={other}")
-    proc = run_script("generate.py", f"run_dir={other}", f"lora={tuned / 'lora'}", "prompt=x", "modality=cxr", "n=1",
-                      f"out_dir={tmp_path / 'x'}", check=False)
+    proc = refused("generate.py", f"run_dir={other}", f"lora={tuned / 'lora'}", "prompt=x", "modality=cxr", "n=1",
+                   f"out_dir={tmp_path / 'x'}")
     assert proc.returncode != 0 and "LoRA weights trained for a different base UNet" in proc.stderr + proc.stdout
-    proc = run_script("generate.py", f"run_dir={loop / 'base'}", "prompt=x", "modality=cxr", "n=1",
-                      "selector.min_score=2", f"out_dir={tmp_path / 'y'}", check=False)
+    proc = refused("generate.py", f"run_dir={loop / 'base'}", "prompt=x", "modality=cxr", "n=1",
+                   "selector.min_score=2", f"out_dir={tmp_path / 'y'}")
     assert proc.returncode != 0 and "selector.min_score needs selector.run" in proc.stderr + proc.stdout

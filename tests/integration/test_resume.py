@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import ROOT, TINY, refused, run_script
 
 pytestmark = pytest.mark.integration
 # enough steps per epoch that a signal lands inside an epoch; no early stopping so both runs do all epochs
@@ -103,18 +103,18 @@ def test_ddp_run_stopped_on_every_rank_resumes_in_its_folder(tmp_path):
 
 
 def test_bad_resumes_are_refused_with_one_message(tiny_run, tmp_path):
-    proc = run_script("train.py", f"run_dir={tmp_path / 'nope'}", "resume=true", check=False)
+    proc = refused("train.py", f"run_dir={tmp_path / 'nope'}", "resume=true")
     assert proc.returncode != 0 and "folder not found" in proc.stderr
-    proc = run_script("train.py", f"run_dir={tiny_run}", check=False)
+    proc = refused("train.py", f"run_dir={tiny_run}")
     assert proc.returncode != 0 and "add resume=true" in proc.stderr
-    proc = run_script("train.py", f"run_dir={tiny_run}", "resume=true", check=False)
+    proc = refused("train.py", f"run_dir={tiny_run}", "resume=true")
     assert proc.returncode != 0 and "completed already" in proc.stderr
     # an interrupted run whose model would change: refused unless resume.force=true
     status = tiny_run / "status.json"
     saved = status.read_text()
     try:
         status.write_text(json.dumps({"status": "interrupted"}))
-        proc = run_script("train.py", f"run_dir={tiny_run}", "resume=true", "model.net.channels=[8,16,32]", check=False)
+        proc = refused("train.py", f"run_dir={tiny_run}", "resume=true", "model.net.channels=[8,16,32]")
         assert proc.returncode != 0 and "resume refused" in proc.stderr and "model.net.channels" in proc.stderr
     finally:
         status.write_text(saved)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_MODEL, run_script
+from tests.conftest import TINY_MODEL, refused, run_script
 
 pytestmark = pytest.mark.integration
 DATA = ["data.source.n_images=72", "data.source.size=32", "data.splits.calibration_fraction=0.3"]
@@ -68,12 +68,12 @@ def test_alpha_is_refitted_at_evaluation_and_bad_alpha_is_refused(run):
     assert m["conformal_fnr"]["alpha"] == 0.5 and "uncertainty" not in m
     assert m["conformal_fnr"]["threshold"] >= base["threshold"]        # a looser FNR allows a higher threshold
     n_cal = json.loads((run / "threshold.json").read_text())["conformal_fnr_curves"]["n_lesion"]
-    r = run_script("evaluate.py", f"run_dir={run}", "evaluation.conformal.alpha=0.01", check=False)
+    r = refused("evaluate.py", f"run_dir={run}", "evaluation.conformal.alpha=0.01")
     assert r.returncode != 0 and f"{n_cal} calibration image(s) are too few for alpha=0.01" in r.stderr
     assert "99" in r.stderr
-    r = run_script("evaluate.py", f"run_dir={run}", "evaluation.conformal.alpha=1", check=False)
+    r = refused("evaluate.py", f"run_dir={run}", "evaluation.conformal.alpha=1")
     assert r.returncode != 0 and "evaluation.conformal.alpha must lie in (0, 1)" in r.stderr
-    r = run_script("train.py", *TINY_MODEL, "evaluation.conformal.alpha=-1", check=False)
+    r = refused("train.py", *TINY_MODEL, "evaluation.conformal.alpha=-1")
     assert r.returncode != 0 and "evaluation.conformal.alpha must lie in (0, 1)" in r.stderr
     assert "Epoch" not in r.stderr                                      # refused before training
 
@@ -85,13 +85,13 @@ def test_explain_glassbox_batches_and_compare_on_batch_a(run, tmp_path):
     per = pd.read_csv(run / "metrics" / "test_per_image.csv")
     worst = list(np.argsort(per["dice"].to_numpy(), kind="stable")[:2])
     assert res["batch"]["name"] == "c" and res["batch"]["indices"] == [int(i) for i in worst] and res["n_images"] == 2
-    r = run_script("explain.py", f"run_dir={run}", "batch=d", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    r = refused("explain.py", f"run_dir={run}", "batch=d", f"hydra.run.dir={tmp_path / 'bad'}")
     assert r.returncode != 0 and "batch must be a, b or c" in r.stderr
     run_script("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=a", "n_compare=3",
                f"hydra.run.dir={tmp_path / 'cmp'}")
     assert (tmp_path / "cmp" / "figures" / "comparison" / "comparison.png").is_file()
-    r = run_script("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=z",
-                   f"hydra.run.dir={tmp_path / 'cmp2'}", check=False)
+    r = refused("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=z",
+                f"hydra.run.dir={tmp_path / 'cmp2'}")
     assert r.returncode != 0 and "evaluation.compare_on must be differ, a, b or c" in r.stderr
 
 
@@ -110,5 +110,5 @@ def test_test_time_preprocessing_table(run, tmp_path):
     assert not np.allclose(row.loc["erosion", ["dice", "precision", "recall"]].astype(float),
                            clean[["dice", "precision", "recall"]].astype(float))   # it did change the images
     assert "Effect of test-time preprocessing" in (out / "report" / "index.html").read_text()
-    r = run_script("evaluate.py", f"run_dir={run}", "shift=corruptions", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    r = refused("evaluate.py", f"run_dir={run}", "shift=corruptions", f"hydra.run.dir={tmp_path / 'bad'}")
     assert r.returncode != 0 and "segmenter runs have the preprocessing benchmark" in r.stderr

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, refused, run_script
 
 pytestmark = pytest.mark.integration
 SEARCH = f"hydra.searchpath=[file://{ROOT / 'tests' / 'toy' / 'conf'}]"
@@ -76,5 +76,5 @@ def test_toy_task_evaluates_compares_and_explains(toy_run, tmp_path):
 def test_a_run_folder_of_an_unknown_task_is_refused_without_its_config_tree(toy_run):
     """Without the search path that defines it, the toy task's _target_ is not on the allow-list:
     a run folder cannot make evaluate.py import and call code nobody vouched for."""
-    proc = run_script("evaluate.py", f"run_dir={toy_run}", "evaluation=segmentation", check=False)
+    proc = refused("evaluate.py", f"run_dir={toy_run}", "evaluation=segmentation")
     assert proc.returncode != 0 and "tests.toy.reconstruction.ReconstructionTask" in proc.stderr
