@@ -117,7 +117,10 @@ def check_table(table: Mapping[str, Sequence[float]], key: str = "shift.corrupti
     for name, params in table.items():
         if name not in CORRUPTIONS:
             raise ValueError(f"{key}.{name}: unknown corruption; choose from {sorted(CORRUPTIONS)}")
-        p = [float(v) for v in params]
+        try:
+            p = [float(v) for v in params]
+        except (TypeError, ValueError):
+            p = []
         if len(p) < 5:
             raise ValueError(f"{key}.{name}: expected 5 severity parameters (severity 1..5), got {p}")
         out[name] = p[:5]
