@@ -9,6 +9,7 @@ marks as in-sample what was chosen on the split it is reported on.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,26 @@ def _uncertainty_figures(dm: Any, split: str, recs: Sequence[dict], per: dict, t
     return [Path(p) for p in paths]
 
 
+def _own_trust_figures(run_dir: str | Path, split: str) -> dict[str, Any]:
+    """A run's conformal FNR control and pixel-uncertainty figures on ``split``, read from its own
+    evaluation (``metrics/<split>.json``, written at the end of training; the runs compared share their
+    splits), prefixed ``own_``; empty when the run has none."""
+    p = Path(run_dir) / "metrics" / f"{split}.json"
+    if not p.is_file():
+        return {}
+    m = json.loads(p.read_text())
+    out: dict[str, Any] = {}
+    crc = (m.get("conformal_fnr") or {}).get("conformal") or {}
+    if "fnr_mean" in crc:
+        out.update({"own_crc_alpha": (m.get("conformal_fnr") or {}).get("alpha"), "own_crc_fnr": crc["fnr_mean"],
+                    "own_crc_precision": crc.get("precision_pixels")})
+    auroc = (m.get("uncertainty") or {}).get("pixel_error_auroc") or {}
+    for k in ("entropy", "mutual_information"):
+        if k in auroc:
+            out[f"own_pixel_error_auroc_{k}"] = auroc[k]
+    return out
+
+
 def compare_segmenters(runs: Sequence[Any], datamodule: Any, split: str, out_dir: Path, n_show: int = 6,
                        on: str = "differ") -> list[dict[str, Any]]:
     """Segmenter runs on the same images: the summary metrics of each (at its own threshold), and
@@ -340,7 +361,8 @@ def compare_segmenters(runs: Sequence[Any], datamodule: Any, split: str, out_dir
         out = predict_split(r.task, datamodule, split)
         conf = compute_confusion(out["prob"], out["mask"], r.task.threshold)
         m = compute_segmentation_metrics(conf)
-        rows.append({"run": r.label, "run_dir": str(r.run_dir), **{k: m[k] for k in METRIC_NAMES}})
+        rows.append({"run": r.label, "run_dir": str(r.run_dir), **{k: m[k] for k in METRIC_NAMES},
+                     "parameters": sum(p.numel() for p in r.task.parameters()), **_own_trust_figures(r.run_dir, split)})
         preds[r.label] = (out["prob"] >= r.task.threshold).float().numpy()[:, 0]
         dices[r.label] = per_image_scores(conf)["dice"].numpy()
         gt = out["mask"].numpy()[:, 0]

@@ -90,6 +90,12 @@ def test_explain_glassbox_batches_and_compare_on_batch_a(run, tmp_path):
     run_script("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=a", "n_compare=3",
                f"hydra.run.dir={tmp_path / 'cmp'}")
     assert (tmp_path / "cmp" / "figures" / "comparison" / "comparison.png").is_file()
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")      # each run's own trust figures beside its metrics
+    own = json.loads((run / "metrics" / "test.json").read_text())
+    assert table["own_crc_fnr"].tolist() == pytest.approx([own["conformal_fnr"]["conformal"]["fnr_mean"]] * 2)
+    assert table["own_pixel_error_auroc_mutual_information"].iloc[0] == pytest.approx(
+        own["uncertainty"]["pixel_error_auroc"]["mutual_information"])
+    assert (table["parameters"] > 1000).all()
     r = refused("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=z",
                 f"hydra.run.dir={tmp_path / 'cmp2'}")
     assert r.returncode != 0 and "evaluation.compare_on must be differ, a, b or c" in r.stderr
