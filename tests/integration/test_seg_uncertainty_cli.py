@@ -96,6 +96,8 @@ def test_explain_glassbox_batches_and_compare_on_batch_a(run, tmp_path):
     assert table["own_pixel_error_auroc_mutual_information"].iloc[0] == pytest.approx(
         own["uncertainty"]["pixel_error_auroc"]["mutual_information"])
     assert (table["parameters"] > 1000).all()
+    # the same run twice: a paired difference of exactly 0, no test possible
+    assert table["dice_diff_vs_first"].iloc[1] == 0 and np.isnan(table["dice_diff_wilcoxon_p"].iloc[1])
     r = refused("evaluate.py", f"run_dirs=[{run},{run}]", "evaluation.compare_on=z",
                 f"hydra.run.dir={tmp_path / 'cmp2'}")
     assert r.returncode != 0 and "evaluation.compare_on must be differ, a, b or c" in r.stderr

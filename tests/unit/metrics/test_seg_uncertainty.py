@@ -53,3 +53,17 @@ def test_pixel_error_auroc_finds_uncertain_errors():
     auroc = pixel_error_auroc(prob, _h(prob), masks, 0.5, 10_000, 0)
     assert auroc is not None and auroc > 0.9          # the errors are on the blurred boundary, where entropy is high
     assert pixel_error_auroc(masks, _h(masks), masks, 0.5, 10_000, 0) is None   # no error at all: undefined
+
+
+def test_paired_dice_difference_finds_a_real_gap_and_not_noise():
+    from medtrust.evaluation.segmentation import _paired_dice_differences
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.7, 0.95, 30)
+    better = base + 0.03 + rng.normal(0, 0.01, 30)          # 0.03 better on every image, a little noise
+    noise = base + rng.normal(0, 0.01, 30)                  # the same model, re-run
+    rows = [{}, {}, {}]
+    _paired_dice_differences(rows, [base, better, noise])
+    assert rows[1]["dice_diff_ci_low"] > 0.02 and rows[1]["dice_diff_wilcoxon_p"] < 1e-4
+    assert rows[2]["dice_diff_ci_low"] < 0 < rows[2]["dice_diff_ci_high"] and rows[2]["dice_diff_wilcoxon_p"] > 0.05
+    assert rows[1]["dice_diff_n_images"] == 30 and "dice_diff_vs_first" not in rows[0]
