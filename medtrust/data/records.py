@@ -97,28 +97,68 @@ def normalise_split(value: Any, where: str) -> str:
     return SPLIT_ALIASES[text]
 
 
-def _open(path: Path, mode: str, what: str) -> Image.Image:
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float images
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """The decoded image (still in its own mode), or a DataError naming the file."""
     if not path.exists():
         raise DataError(f"{what} not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()  # decode fully so truncated/corrupt files fail here, not mid-training
-            return im.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{what} is unreadable or corrupt: {path} ({err})") from err
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{what} is unreadable or corrupt: {path} ({type(err).__name__}: {err})") from err
+
+
+def rescale_to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
+    """A 16-bit, 32-bit or float array mapped linearly from its own minimum..maximum to 0..255 (a
+    constant image maps to 0). Medical 16-bit files rarely use the full 0..65535 range (12-bit CT/CR data,
+    DICOM exports), so dividing by 257 would leave them nearly black; converting the way PIL does clips
+    everything above 255 to white.
+
+    Raises:
+        DataError: NaN or Inf values.
+    """
+    a = np.asarray(arr, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise DataError(f"{where}: {int((~np.isfinite(a)).sum())} NaN/Inf pixel value(s); expected finite values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    return np.zeros(a.shape, np.uint8) if hi <= lo else np.rint((a - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
 def read_image(path: str | Path, channels: int) -> np.ndarray:
     """Read an image file as uint8 H×W×C (``channels`` 1 = grayscale, 3 = RGB).
 
+    8-bit, palette, RGBA (alpha dropped) and CMYK files are converted by PIL; 16-bit, 32-bit and float
+    files are rescaled from their own range (:func:`rescale_to_uint8`), never clipped or wrapped.
+
     Raises:
-        DataError: missing, unreadable or corrupt file.
+        DataError: missing, unreadable, corrupt or non-finite file.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    im = _open(Path(path), "RGB" if channels == 3 else "L", "image")
-    arr = np.asarray(im, dtype=np.uint8)
+    im = _open(Path(path), "image")
+    if im.mode in HIGH_DEPTH_MODES:
+        arr = rescale_to_uint8(np.asarray(im), f"image {path}")
+        return arr[..., None] if channels == 1 else np.repeat(arr[..., None], 3, axis=-1)
+    arr = np.asarray(im.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def check_mask_values(arr: np.ndarray, where: str) -> np.ndarray:
+    """``arr`` unchanged if its values are {0, 1} or {0, 255} (or a subset).
+
+    Raises:
+        DataError: any other value (an anti-aliased, JPEG-compressed or multi-class mask): binarise it first.
+    """
+    values = np.unique(arr)
+    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}:
+        return arr
+    shown = ", ".join(str(v) for v in values[:8].tolist()) + (", ..." if len(values) > 8 else "")
+    raise DataError(f"{where}: mask values [{shown}]; expected a binary mask with values {{0, 255}} or {{0, 1}} "
+                    "(an anti-aliased, JPEG-compressed or multi-class mask must be binarised first)")
 
 
 def binarise_mask(arr: np.ndarray) -> np.ndarray:
@@ -130,11 +170,21 @@ def binarise_mask(arr: np.ndarray) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a binary mask file as uint8 H×W in {0, 1}.
 
+    A palette mask is read by its indices (0 background, 1 lesion), a colour mask by its brightest channel
+    (a red lesion on black is a lesion), never through PIL's luminance conversion (which makes a red or a
+    palette-index-1 lesion darker than the 0/255 threshold: an empty mask).
+
     Raises:
-        DataError: missing, unreadable or corrupt file.
+        DataError: missing, unreadable or corrupt file, or values other than {0, 1} / {0, 255}.
     """
-    im = _open(Path(path), "L", "mask")
-    return binarise_mask(np.asarray(im, dtype=np.uint8))
+    im = _open(Path(path), "mask")
+    if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB", "RGBX"):
+        arr = np.asarray(im.convert("RGB")).max(axis=-1)
+    elif im.mode == "1":
+        arr = np.asarray(im.convert("L"))
+    else:  # L, P (indices), I;16, I, F
+        arr = np.asarray(im)
+    return binarise_mask(check_mask_values(arr, f"mask {path}"))
 
 
 def resize_image(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -219,7 +269,7 @@ def load_record(
                 f"{record.get('mask_path', where)}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) differs "
                 f"from its image {where} size {img.shape[1]}x{img.shape[0]}; expected the same size"
             )
-        mask = binarise_mask(mask)
+        mask = binarise_mask(check_mask_values(mask, f"mask of {where}"))
         mask = resize_mask(pad_to_aspect(mask, image_size) if resize == "pad" else mask, image_size)[None]
     if resize == "pad":
         img = pad_to_aspect(img, image_size)

@@ -50,7 +50,13 @@ class MedMnistSource:
                 if split in self.required:
                     raise DataError(f"{self.path}: missing {ik!r}/{lk!r}; keys are {keys}")
                 continue
-            images, labels = data[ik], data[lk]
+            try:
+                images, labels = data[ik], data[lk]
+            except ValueError as err:  # object arrays need pickle, which is never allowed
+                raise DataError(f"{self.path}: {ik!r}/{lk!r} cannot be read without pickle ({err}); expected "
+                                "numeric arrays (uint8 images, integer labels)") from err
+            if images.dtype.kind not in "uifb":
+                raise DataError(f"{self.path}: {ik} has dtype {images.dtype}; expected numeric pixels")
             if len(images) != len(labels):
                 raise DataError(f"{self.path}: {ik} has {len(images)} images but {lk} has {len(labels)} labels")
             if images.dtype.kind == "f":
@@ -61,6 +67,12 @@ class MedMnistSource:
                 lo, hi = float(images.min()), float(images.max())
                 images = (images - lo) / (hi - lo or 1) * 255 if hi > 1 else images * 255
                 images = np.clip(images, 0, 255).astype(np.uint8)
+            elif images.dtype != np.uint8:
+                # wider or signed integers (e.g. uint16): rescaled from the array's range like float pixels,
+                # never wrapped modulo 256; uint8-range values are kept as they are
+                lo, hi = int(images.min()), int(images.max())
+                images = (images.astype(np.uint8) if lo >= 0 and hi <= 255 else
+                          np.rint((images.astype(np.float64) - lo) / (hi - lo or 1) * 255).astype(np.uint8))
             labels = np.asarray(labels).reshape(len(labels), -1)
             if labels.shape[1] != 1 or labels.dtype.kind not in "iub":
                 raise DataError(f"{self.path}: {lk} must hold one integer label per image, got shape "
