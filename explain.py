@@ -8,9 +8,11 @@ import hydra
 from omegaconf import DictConfig
 
 import medtrust.runs.resolvers  # noqa: F401
+from medtrust.runs.cli import report_user_errors, take_verbose
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     from medtrust.runs.explain import explain
 
@@ -18,6 +20,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = take_verbose(sys.argv)
     from medtrust.runs.argv import prepare_argv
     from medtrust.runs.rundir import RunDirError
 

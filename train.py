@@ -5,9 +5,11 @@ import hydra
 from omegaconf import DictConfig
 
 import medtrust.runs.resolvers  # noqa: F401  (registers ${project_root:}, ${fresh_dir:...}, ...)
+from medtrust.runs.cli import report_user_errors, take_verbose
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@report_user_errors
 def main(cfg: DictConfig) -> float | None:
     from medtrust.runs.train import train
 
@@ -16,6 +18,8 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     import sys
+
+    sys.argv = take_verbose(sys.argv)
 
     from medtrust.runs.resume import prepare_train_argv
     from medtrust.runs.rundir import RunDirError

@@ -67,6 +67,11 @@ def refused(script: str, *args: str) -> subprocess.CompletedProcess:
         code = exc.code if isinstance(exc.code, int) else 1
         if not isinstance(exc.code, int) and exc.code is not None:
             err.write(str(exc.code))
+    except Exception:  # noqa: BLE001 - HYDRA_FULL_ERROR=1 re-raises: the interpreter would print it and exit 1
+        import traceback
+
+        err.write(traceback.format_exc())
+        code = 1
     finally:
         sys.argv, cwd, env, rng, nprng, pyrng, threads = state
         os.chdir(cwd)

@@ -168,6 +168,18 @@ def test_train_bad_input_gives_one_clear_message(args, msg, tmp_path):
     assert proc.returncode != 0 and msg in proc.stderr
 
 
+def test_a_data_error_prints_its_message_alone_and_verbose_the_traceback(tmp_path):
+    args = [*TINY_MODEL, "data=csv", "data.manifest=/nonexistent/manifest.csv"]
+    proc = refused("train.py", *args, f"hydra.run.dir={tmp_path / 'a'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith("train.py: DataError: ") and "manifest not found: /nonexistent/manifest.csv" in lines[-2]
+    assert "--verbose" in lines[-1]
+    assert "manifest not found" in (tmp_path / "a" / "train.log").read_text()      # the run's log keeps it
+    proc = refused("train.py", *args, f"hydra.run.dir={tmp_path / 'b'}", "--verbose")
+    assert "Traceback" in proc.stderr and "manifest not found" in proc.stderr
+
+
 def test_evaluate_bad_run_dir(tmp_path):
     proc = refused("evaluate.py", f"run_dir={tmp_path / 'missing'}")
     assert proc.returncode != 0 and "folder not found" in proc.stderr
