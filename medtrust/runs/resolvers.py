@@ -15,16 +15,29 @@ def task_from_target(target: str) -> str:
     return parts[-2] if len(parts) >= 2 else str(target).lower()
 
 
+_FRESH: dict[str, str] = {}
+
+
 def fresh_dir(path: str) -> str:
-    """``path`` if it does not exist yet, else ``path_2``, ``path_3``, …: two runs started in the
-    same second never share a folder. Cached per argument, so Hydra sees one answer per process."""
+    """``path`` if it does not exist yet, else ``path_2``, ``path_3``, …, created here with an exclusive
+    ``mkdir``: of several runs started in the same second each gets its own folder before Hydra writes
+    ``.hydra/`` into it (a check-then-use name let a second run overwrite the first run's ``.hydra``).
+    One answer per argument and process (Hydra resolves the interpolation more than once)."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("MEDTRUST_REUSE_RUN_DIR"):
         return path  # DDP workers re-enter the folder rank 0 created
+    if path in _FRESH:
+        return _FRESH[path]
     p, k = Path(path), 1
+    p.parent.mkdir(parents=True, exist_ok=True)
     cand = p
-    while cand.exists():
-        k += 1
-        cand = p.with_name(f"{p.name}_{k}")
+    while True:
+        try:
+            cand.mkdir()
+            break
+        except FileExistsError:
+            k += 1
+            cand = p.with_name(f"{p.name}_{k}")
+    _FRESH[path] = str(cand)
     return str(cand)
 
 

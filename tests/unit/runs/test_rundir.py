@@ -1,6 +1,8 @@
 """Run folders are claimed once and recognised; results are never overwritten."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from medtrust.runs.resolvers import fresh_dir, task_from_target
@@ -28,11 +30,37 @@ def test_check_run_dir_messages(tmp_path):
         find_checkpoint(run, "best")
 
 
-def test_fresh_dir_never_reuses_an_existing_folder(tmp_path):
+def test_fresh_dir_creates_its_folder_and_never_reuses_one(tmp_path, monkeypatch):
+    from medtrust.runs import resolvers
+
+    monkeypatch.setattr(resolvers, "_FRESH", {})
     base = tmp_path / "2026-01-01_00-00-00"
-    assert fresh_dir(str(base)) == str(base)
-    base.mkdir()
+    assert fresh_dir(str(base)) == str(base) and base.is_dir()        # claimed at once, before Hydra writes
+    assert fresh_dir(str(base)) == str(base)                           # one answer per process
+    resolvers._FRESH.clear()                                           # another process
     assert fresh_dir(str(base)) == str(base) + "_2"
+
+
+def _claim(path, barrier, out):
+    barrier.wait()                       # all eight call at the same moment
+    out.put(fresh_dir(path))
+
+
+def test_eight_runs_started_at_the_same_moment_get_eight_folders(tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    from medtrust.runs import resolvers
+
+    monkeypatch.setattr(resolvers, "_FRESH", {})
+    ctx = mp.get_context("fork")
+    barrier, out = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(tmp_path / "same_second"), barrier, out)) for _ in range(8)]
+    for pr in procs:
+        pr.start()
+    got = [out.get(timeout=60) for _ in procs]
+    for pr in procs:
+        pr.join(timeout=60)
+    assert len(set(got)) == 8 and all(Path(g).is_dir() for g in got)
 
 
 def test_task_name_from_target():
