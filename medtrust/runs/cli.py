@@ -54,12 +54,83 @@ def _to_log_files(message: str) -> None:
             h.handle(record)
 
 
+def _kind(value: Any) -> str | None:
+    """The kind a config value must keep when overridden: number, bool, list, dict; None = anything."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)) or OmegaConfListLike(value):
+        return "list"
+    if isinstance(value, dict) or OmegaConfDictLike(value):
+        return "dict"
+    return None  # strings ("auto" may become a number), None (optional): anything goes
+
+
+def OmegaConfListLike(value: Any) -> bool:  # noqa: N802 - a predicate named after the class it tests
+    from omegaconf import ListConfig
+
+    return isinstance(value, ListConfig)
+
+
+def OmegaConfDictLike(value: Any) -> bool:  # noqa: N802
+    from omegaconf import DictConfig
+
+    return isinstance(value, DictConfig)
+
+
+def check_override_types() -> None:
+    """Refuse a command-line value whose kind differs from the config tree's value for that key
+    (``trainer.max_epochs=abc`` where the tree holds a number), before any data is read. The tree's
+    value is composed with the command's group choices (``experiment=...``, ``model=...``) but none
+    of its values. A number may replace a number (int or float), a string default accepts anything,
+    ``null`` is always allowed; keys the tree does not have, ``+key=`` additions and ``hydra.*`` are
+    left to Hydra.
+
+    Raises:
+        ValueError: naming the key, the value given and what the tree holds.
+    """
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    hc = HydraConfig.get()
+    conf_dir = Path(__file__).resolve().parents[2] / "conf"
+    parsed = OverridesParser.create().parse_overrides(list(hc.overrides.task))
+    groups = [o.input_line for o in parsed if (conf_dir / o.key_or_group.split("@")[0]).is_dir()
+              and not o.is_delete()]
+    values = [o for o in parsed if not o.is_add() and not o.is_delete() and not o.is_sweep_override()
+              and not o.key_or_group.startswith("hydra") and not (conf_dir / o.key_or_group.split("@")[0]).is_dir()]
+    if not values:
+        return
+    try:
+        tree = compose(config_name=str(hc.job.config_name), overrides=groups)
+    except Exception:  # noqa: BLE001 - the check is an extra: when the tree cannot be composed, Hydra's own checks stand
+        return
+    for o in values:
+        given = o.value()
+        if given is None or (isinstance(given, str) and "${" in given):
+            continue
+        try:
+            default = OmegaConf.select(tree, o.key_or_group, default=None, throw_on_resolution_failure=False)
+        except Exception:  # noqa: BLE001 - an interpolation that needs the running job: not checked
+            continue
+        want = _kind(default)
+        if want is None or want == _kind(given):
+            continue
+        shown = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+        raise ValueError(f"{o.key_or_group}={o.get_value_element_as_str()}: expected a {want} (the config holds "
+                         f"{shown!r}), got {type(given).__name__} {given!r}")
+
+
 def report_user_errors(task_function: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a Hydra task function (under ``@hydra.main``) so a user error ends with its message alone."""
 
     @functools.wraps(task_function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_override_types()
             return task_function(*args, **kwargs)
         except user_error_types() as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1" or _multirun():

@@ -162,6 +162,9 @@ def test_csv_run_evaluated_on_the_test_rows_of_another_manifest(csv_dataset, tmp
     (["data.fooo=1"], "fooo"),
     (["data=csv", "data.manifest=/nonexistent/manifest.csv"], "manifest not found: /nonexistent/manifest.csv"),
     (["loss=nope"], "nope"),
+    (["trainer.max_epochs=abc"], "trainer.max_epochs=abc: expected a number (the config holds 2), got str 'abc'"),
+    (["data.image_size=3"], "data.image_size=3: expected a list (the config holds [32, 32])"),
+    (["data.augment.brightness.enabled=maybe"], "data.augment.brightness.enabled=maybe: expected a bool"),
 ])
 def test_train_bad_input_gives_one_clear_message(args, msg, tmp_path):
     proc = refused("train.py", *TINY_MODEL, *args, f"hydra.run.dir={tmp_path / 'bad'}")
