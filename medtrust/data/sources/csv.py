@@ -5,6 +5,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path, PurePath
 
+import numpy as np
 import pandas as pd
 
 from medtrust.data.records import DataError, Record, normalise_split
@@ -156,6 +157,25 @@ class CsvSource:
             if unknown:
                 raise DataError(f"{self.manifest}: labels {unknown} are not in data.source.classes {self.classes}")
             return {c: i for i, c in enumerate(self.classes)}
-        if all(v.lstrip("-").isdigit() for v in values):
-            return {v: int(v) for v in values}
+        numeric = {v: _number(v) for v in values}
+        if any(x is not None for x in numeric.values()):
+            # numeric-looking labels are class indices: all must be integers, or the sorted-string mapping
+            # would silently give "0" another index (e.g. "#" < "0")
+            bad = [v for v, x in numeric.items() if x is None or x != int(x)]
+            if bad:
+                col = df[self.cols["label"]].str.strip()
+                row = int(col[col.isin(bad)].index[0]) + 2  # + header, 1-based
+                raise DataError(f"{self.manifest}: row {row}: label {bad[0]!r} is not an integer class index, "
+                                f"while other labels are numbers ({len(bad)} such value(s): {bad[:5]}); expected "
+                                "integer labels, or string classes declared with data.source.classes=[...]")
+            return {v: int(x) for v, x in numeric.items()}
         return {v: i for i, v in enumerate(values)}
+
+
+def _number(text: str) -> float | None:
+    """``text`` as a finite number, else None."""
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    return x if np.isfinite(x) else None

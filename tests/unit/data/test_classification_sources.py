@@ -70,3 +70,24 @@ def test_patient_id_required_only_when_splits_are_computed(tmp_path, csv_dataset
         CsvSource(str(tmp_path / "nosplit.csv")).records()
     df.to_csv(tmp_path / "withsplit.csv", index=False)
     assert len(CsvSource(str(tmp_path / "withsplit.csv")).records()) == 12
+
+
+def test_a_non_integer_label_among_numbers_is_refused_not_remapped(tmp_path, csv_dataset):
+    df = pd.read_csv(csv_dataset)
+    for sub in ("images", "masks"):
+        (tmp_path / sub).symlink_to(csv_dataset.parent / sub)
+    df["label"] = [str(i % 2) for i in range(len(df))]
+    df.to_csv(tmp_path / "ints.csv", index=False)
+    got = {r["id"]: r["label"] for r in CsvSource(str(tmp_path / "ints.csv")).records()}
+    assert sorted(set(got.values())) == [0, 1]
+    df["label"] = ["1.0" if i % 2 else "0.0" for i in range(len(df))]     # pandas writes integers with NaN as floats
+    df.to_csv(tmp_path / "floats.csv", index=False)
+    assert {r["id"]: r["label"] for r in CsvSource(str(tmp_path / "floats.csv")).records()} == got
+    df.loc[3, "label"] = "#"                 # sorts before "0": the old mapping made every "0" a 1, silently
+    df.to_csv(tmp_path / "stray.csv", index=False)
+    with pytest.raises(DataError, match=r"stray\.csv: row 5: label '#' is not an integer class index"):
+        CsvSource(str(tmp_path / "stray.csv")).records()
+    df.loc[3, "label"] = "0.5"
+    df.to_csv(tmp_path / "half.csv", index=False)
+    with pytest.raises(DataError, match=r"row 5: label '0.5' is not an integer"):
+        CsvSource(str(tmp_path / "half.csv")).records()
