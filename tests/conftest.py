@@ -54,6 +54,9 @@ def refused(script: str, *args: str) -> subprocess.CompletedProcess:
     import torch
     from hydra.core.global_hydra import GlobalHydra
 
+    from medtrust.runs import resolvers
+
+    resolvers._FRESH.clear()  # the run-folder names a process chose: each script run is a new process
     state = (sys.argv[:], os.getcwd(), dict(os.environ), torch.get_rng_state(), np.random.get_state(),
              random.getstate(), torch.get_num_threads())
     out, err, code = io.StringIO(), io.StringIO(), 0
@@ -82,6 +85,7 @@ def refused(script: str, *args: str) -> subprocess.CompletedProcess:
         random.setstate(pyrng)
         torch.set_num_threads(threads)
         GlobalHydra.instance().clear()
+        resolvers._FRESH.clear()
     if code == 0:
         raise AssertionError(f"{script} {' '.join(args)} was expected to be refused but succeeded:\n{out.getvalue()[-3000:]}")
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
