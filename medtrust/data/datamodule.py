@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from medtrust.data.duplicates import (DUPLICATE_COLUMNS, DUPLICATE_POLICIES, PixelIndex, check_unique_ids,
                                       describe_groups, pixel_digest)
-from medtrust.data.records import ALL_SPLITS, RESIZE_MODES, DataError, Record, load_record
+from medtrust.data.records import ALL_SPLITS, RESIZE_MODES, DataError, Record, load_record, outside_root
 from medtrust.data.splits import check_fractions, make_splits, write_splits
 from medtrust.data.transforms import build_transforms, denormalize
 from medtrust.utils.logging import get_logger
@@ -114,6 +114,9 @@ class ImageDataModule(L.LightningDataModule):
         train_extra: another source whose records are ADDED to the training split (e.g. synthetic images
             with a label column, to measure whether they help a classifier on real test images); their ids
             and patient ids are prefixed ``extra/`` so they never meet a real patient. None: nothing added.
+        allow_outside_root: read image / mask files outside their source's data root (a manifest's folder, a
+            source's ``root``). False: such a record (a ``../`` or absolute path, a symlink out) is a bad sample,
+            refused naming its row, or skipped and counted under ``on_bad=skip``.
     """
 
     def __init__(
@@ -146,8 +149,10 @@ class ImageDataModule(L.LightningDataModule):
         class_names: Sequence[str] | None = None,
         train_source: Any = None,
         train_extra: Any = None,
+        allow_outside_root: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_outside_root = bool(allow_outside_root)
         self.train_source = train_source
         self.train_extra = train_extra
         size = [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
@@ -220,7 +225,7 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def split_records(self) -> dict[str, list[Record]]:
         if self._split_records is None:
-            records = self.source.records()
+            records = self._inside_root(self.source)
             if not records:
                 raise DataError(f"{self.source.describe()}: the source yielded no records")
             check_unique_ids(records, self.source.describe())  # one place for every source
@@ -233,7 +238,7 @@ class ImageDataModule(L.LightningDataModule):
                 records, self.split_cfg["fractions"], self.split_cfg["seed"], self.split_cfg["use_source"],
                 self.split_cfg["calibration_fraction"])
             if self.train_source is not None:
-                train = [{**r, "split": "train"} for r in self.train_source.records()]
+                train = [{**r, "split": "train"} for r in self._inside_root(self.train_source)]
                 if not train:
                     raise DataError(f"data.train_source {self.train_source.describe()}: the source yielded no records")
                 held = [r for s, rs in self._split_records.items() if s != "train" for r in rs]
@@ -246,12 +251,25 @@ class ImageDataModule(L.LightningDataModule):
                 real = next((r for rs in self._split_records.values() for r in rs), {})
                 drop = {k for k in ("text", "modality", "reward", "quality") if k not in real}
                 extra = [{**{k: v for k, v in r.items() if k not in drop}, "id": f"extra/{r['id']}",
-                          "patient_id": f"extra/{r['patient_id']}", "split": "train"} for r in self.train_extra.records()]
+                          "patient_id": f"extra/{r['patient_id']}", "split": "train"} for r in self._inside_root(self.train_extra)]
                 if not extra:
                     raise DataError(f"data.train_extra {self.train_extra.describe()}: the source yielded no records")
                 self._split_records["train"] = [*self._split_records.get("train", []), *extra]
                 self._split_how += f"; plus {len(extra)} training records from {self.train_extra.describe()}"
         return self._split_records
+
+    def _inside_root(self, source: Any) -> list[Record]:
+        """``source``'s records; one whose files lie outside the source's ``data_root`` carries the reason as its
+        ``error`` (a bad sample) unless ``allow_outside_root``. Sources of in-memory images have no root."""
+        records = source.records()
+        root = getattr(source, "data_root", None)
+        if root is None or self.allow_outside_root:
+            return records
+        out = []
+        for rec in records:
+            why = None if rec.get("error") else outside_root(rec, root)
+            out.append({**rec, "error": why} if why else rec)
+        return out
 
     def write_splits(self, out_dir: str | Path) -> str:
         """Write the split assignment (CSV + JSON with its sha256) into ``out_dir``, plus
@@ -262,11 +280,21 @@ class ImageDataModule(L.LightningDataModule):
         digest = write_splits(split_records, out_dir, info)
         import pandas as pd
 
-        if self.skipped:
-            pd.DataFrame(self.skipped).to_csv(Path(out_dir) / "skipped.csv", index=False)
+        self.write_skipped(out_dir)
         if rows := self._pixels.rows():
             pd.DataFrame(rows, columns=DUPLICATE_COLUMNS).to_csv(Path(out_dir) / "duplicates.csv", index=False)
         return digest
+
+    def write_skipped(self, out_dir: str | Path) -> Path | None:
+        """Write ``out_dir/skipped.csv`` (split, id, reason of every sample skipped under ``on_bad=skip``),
+        or nothing when none was skipped. Every entry point that reads data calls it on its ``splits/``."""
+        if not self.skipped:
+            return None
+        import pandas as pd
+
+        from medtrust.utils.io import write_csv
+
+        return write_csv(Path(out_dir) / "skipped.csv", pd.DataFrame(self.skipped, columns=["split", "id", "reason"]))
 
     # -- loading ------------------------------------------------------------------------
     def _check_label(self, rec: Record) -> None:
@@ -322,7 +350,8 @@ class ImageDataModule(L.LightningDataModule):
             kept.append(rec)
         n_bad = len(recs) - len(kept)
         if n_bad:
-            log.warning(f"data.on_bad=skip: skipped {n_bad} bad sample(s) in split {split!r} (see splits/skipped.csv)")
+            log.warning(f"data.on_bad=skip: skipped {n_bad} bad sample(s) in split {split!r} "
+                        "(listed in splits/skipped.csv of the output folder)")
         if not kept:
             raise DataError(f"split {split!r}: all {len(recs)} samples were bad and skipped")
         self._check_duplicates(split, images, kept)

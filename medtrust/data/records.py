@@ -81,6 +81,22 @@ class DataError(ValueError):
     """Bad input data: the message names the file, row or key and what was expected."""
 
 
+def outside_root(record: Record, root: str | Path) -> str | None:
+    """Why ``record`` reads a file outside the data root ``root`` (a ``../`` path, an absolute path or a symlink
+    whose target lies elsewhere, after resolving every link), or None when its image and mask are inside."""
+    base = Path(root).resolve()
+    for key in ("path", "mask_path"):
+        p = record.get(key)
+        if not p or (key == "path" and "image" in record):
+            continue
+        real = Path(p).resolve()
+        if not real.is_relative_to(base):
+            return (f"{record.get('where') or record.get('id')}: {'image' if key == 'path' else 'mask'} {p} resolves to "
+                    f"{real}, outside the data root {base} (a '../' or absolute path, or a symlink out); set "
+                    "data.allow_outside_root=true to read files outside the data root")
+    return None
+
+
 def normalise_split(value: Any, where: str) -> str:
     """Map a split spelling (``Training``, ``valid``, …) to ``train``/``val``/``test``.
 
@@ -104,6 +120,8 @@ def _open(path: Path, what: str) -> Image.Image:
     """The decoded image (still in its own mode), or a DataError naming the file."""
     if not path.exists():
         raise DataError(f"{what} not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{what} file is empty (0 bytes): {path}; expected an image (an interrupted copy or download?)")
     try:
         with Image.open(path) as im:
             im.load()  # decode fully so truncated/corrupt files fail here, not mid-training

@@ -90,6 +90,35 @@ def choose_quadrant_threshold(conf: torch.Tensor, correct: torch.Tensor, target_
     return float(conf[order][int(ok[-1])])
 
 
+def check_classes(labels: Sequence[int], split: str, what: str, source: str) -> None:
+    """Refuse a split whose labels hold fewer than two classes for ``what`` (AUROC, a temperature, a threshold
+    fitted on one class is undefined or degenerate: temperature scaling drives T to its bound).
+
+    Raises:
+        DataError: naming the source, the split, the class it holds and what needs two.
+    """
+    from medtrust.data.records import DataError
+
+    present = sorted({int(v) for v in labels})
+    if len(present) < 2:
+        held = f"only class {present[0]}" if present else "no labelled image"
+        raise DataError(f"{source}: split {split!r} holds {held} ({len(labels)} images); {what} needs at least two "
+                        "classes (change data.splits.seed / fractions, or the split column of the manifest)")
+
+
+def check_training_splits(task: Any, datamodule: Any, evaluation: Any = None) -> None:
+    """Before training: the validation split (its AUROC may choose the checkpoint) and the calibration split
+    (temperature, quadrant threshold) each hold two classes, so neither is fitted or chosen on one class."""
+    c = evaluation_config("classification", evaluation)
+    src = datamodule.source.describe()
+    for split, what in (("val", "the validation AUROC (and the checkpoint chosen on it)"),
+                        (calibration_split(datamodule, str(c.calibration_split)),
+                         "temperature scaling and the trust-quadrant threshold")):
+        labels = [r["label"] for r in datamodule.load_split(split)[2] if r.get("label") is not None]
+        if labels:
+            check_classes(labels, split, what, src)
+
+
 def calibration_split(datamodule: Any, choice: str) -> str:
     """Split that temperature scaling and the quadrant threshold are fitted on (see :func:`fit_split`)."""
     return fit_split(datamodule, choice, "evaluation.calibration_split")
@@ -108,6 +137,8 @@ def fit_calibration(task: torch.nn.Module, datamodule: Any, run_dir: str | Path,
     if coll["labels"] is None:
         raise ValueError(f"temperature scaling needs labelled images in split {split!r}")
     labels = coll["labels"]
+    check_classes(labels.tolist(), split, "temperature scaling and the trust-quadrant threshold",
+                  datamodule.source.describe())
     methods = method_logits(task, coll)
     temps = {m: fit_temperature(s, labels) for m, s in methods.items()}
     primary = primary_method(methods, str(c.uncertainty_method))
@@ -379,6 +410,12 @@ def evaluate_classification(task: torch.nn.Module, datamodule: Any, split: str, 
     if in_sample:
         log.warning(f"{split}: temperature and quadrant threshold were fitted on this split: figures after scaling "
                     "are in-sample")
+    present = sorted(set(labels.tolist()))
+    if len(present) < 2:
+        msg = (f"{split}: every image is class {present[0]}: AUROC and PR-AUC are undefined (null); accuracy, ECE, "
+               "Brier and NLL are reported")
+        log.warning(msg)
+        result["undefined"] = [msg]
 
     sub_cfg = c.subgroups
     attrs = attribute_frame(recs, to_plain(sub_cfg.attributes))

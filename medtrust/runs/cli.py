@@ -56,27 +56,33 @@ def _to_log_files(message: str) -> None:
 
 def _kind(value: Any) -> str | None:
     """The kind a config value must keep when overridden: number, bool, list, dict; None = anything."""
+    from omegaconf import DictConfig, ListConfig
+
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, (int, float)):
         return "number"
-    if isinstance(value, (list, tuple)) or OmegaConfListLike(value):
+    if isinstance(value, (list, tuple, ListConfig)):
         return "list"
-    if isinstance(value, dict) or OmegaConfDictLike(value):
+    if isinstance(value, (dict, DictConfig)):
         return "dict"
     return None  # strings ("auto" may become a number), None (optional): anything goes
 
 
-def OmegaConfListLike(value: Any) -> bool:  # noqa: N802 - a predicate named after the class it tests
-    from omegaconf import ListConfig
+def user_error(err: BaseException) -> tuple[BaseException, str] | None:
+    """``(the refusal, where)`` when ``err`` is a user error, also when Hydra's ``instantiate`` wrapped it
+    (``where`` then names the config target whose constructor refused); None for anything else."""
+    import re
 
-    return isinstance(value, ListConfig)
+    from hydra.errors import InstantiationException
 
-
-def OmegaConfDictLike(value: Any) -> bool:  # noqa: N802
-    from omegaconf import DictConfig
-
-    return isinstance(value, DictConfig)
+    types = user_error_types()
+    if isinstance(err, types):
+        return err, ""
+    if isinstance(err, InstantiationException) and isinstance(err.__cause__, types):
+        target = re.search(r"target '([^']+)'", str(err))
+        return err.__cause__, f" (building {target.group(1)})" if target else ""
+    return None
 
 
 def check_override_types() -> None:
@@ -132,11 +138,13 @@ def report_user_errors(task_function: Callable[..., Any]) -> Callable[..., Any]:
         try:
             check_override_types()
             return task_function(*args, **kwargs)
-        except user_error_types() as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or _multirun():
+        except Exception as exc:  # noqa: BLE001 - only user errors are caught; the rest is re-raised
+            found = user_error(exc)
+            if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or _multirun():
                 raise
+            err, where = found
             script = Path(sys.argv[0]).name or "medtrust"
-            message = f"{script}: {type(err).__name__}: {err}"
+            message = f"{script}: {type(err).__name__}{where}: {err}"
             _to_log_files(message)
             print(f"{message}\n(--verbose or HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
             sys.exit(1)

@@ -84,6 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _check_ood_sets(cfg, str(run_cfg.data.get("on_bad", "error")))
     _check_shift(cfg)
     result = task.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
+    dm.write_skipped(out_dir / "splits")
     _stop_if_refused(result)
     _score_ood(cfg, task, dm, out_dir, evaluation, fitted)
     _shift_benchmark(cfg, task, dm, out_dir, evaluation, fitted)
@@ -187,6 +188,7 @@ def evaluate_run_ensemble(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     extra = {"ensemble_runs": [str(r) for r in runs], "checkpoint": str(cfg.checkpoint),
              "run_split_sha256": split_digest(runs[0])}
     result = head.evaluate_split(dm, _split(cfg), out_dir, evaluation, extra, fitted)
+    dm.write_skipped(out_dir / "splits")
     _stop_if_refused(result)
     _score_ood(cfg, head, dm, out_dir, evaluation, fitted)
     _shift_benchmark(cfg, head, dm, out_dir, evaluation, fitted)
@@ -216,6 +218,7 @@ def compare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     split = _split(cfg)
     rows = cls.compare(load_run_models(runs, base, cfg), dm, split, out_dir, evaluation_config_for(base, cfg),
                        int(cfg.n_compare))
+    dm.write_skipped(out_dir / "splits")
     df = pd.DataFrame(rows)
     write_csv(out_dir / "comparison.csv", df)
     atomic_write_bytes(out_dir / "comparison.md",

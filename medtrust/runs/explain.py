@@ -178,6 +178,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"batch {cfg.batch}: images {indices} of {cfg.split}")
     res = explain_run(task, dm, str(cfg.split), int(cfg.n_images), cfg.xai, out_dir, int(cfg.seed),
                       run_cfg.get("evaluation"), indices)
+    dm.write_skipped(out_dir / "splits")
     if cfg.get("batch"):  # which GlassBox batch these images are, in the written result too
         res["batch"] = {"name": str(cfg.batch).lower(), "indices": indices,
                         "rule": "a: closest to the split's mean Dice, b: best Dice, c: worst Dice (model threshold)"}

@@ -46,7 +46,9 @@ def read_prompts(cfg: DictConfig) -> pd.DataFrame:
         path = Path(str(cfg.prompts)).expanduser()
         if not path.is_file():
             raise ValueError(f"prompts={path}: file not found (expected a CSV with columns prompt, modality)")
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        from medtrust.data.tables import read_table
+
+        df = read_table(path, what="prompts CSV")
         missing = [c for c in PROMPT_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; expected prompt, modality (+ optional seed, n)")

@@ -191,6 +191,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                                      plugins=[AtomicCheckpointIO()])
     check_evaluation(cfg.get("evaluation"))  # settings wrong whatever the data fail before training
     dm.setup("fit")  # reads + validates train/val now, so bad data fails before any training
+    task.check_data(dm, cfg.get("evaluation"))  # what the task needs of the splits (a classifier: two classes in val)
     if dm.has_split("test"):
         dm.load_split("test")
     if not writer:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 
@@ -24,7 +23,6 @@ from medtrust.anomaly.scoring import IMAGE_SCORES, AnomalyStats, residual
 from medtrust.evaluation.config import to_plain
 from medtrust.generation.sampling import diffusion_target, training_scheduler
 from medtrust.tasks.base import EvalResult, ReportSection, RunModel, TaskBase, TrustLine, load_init_weights
-from medtrust.utils.io import write_csv, write_json
 from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)

@@ -146,6 +146,10 @@ class Task(Protocol):
     xai_target_kinds: tuple[str, ...]
     has_pixel_probabilities: bool   # explain_view gives per-pixel probabilities (SLIC confidence)
 
+    def check_data(self, datamodule: Any, evaluation: Any = None) -> None:
+        """Before training, with train/val loaded: refuse splits this task cannot use (e.g. a classifier's val
+        holding one class), naming the split; nothing to check by default."""
+
     def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any] | None:
         """After training, with the selected weights loaded: fit what evaluation needs (temperature,
         thresholds, residual statistics) on data the model did not train on, write it into
@@ -199,7 +203,7 @@ class Task(Protocol):
 def check_task(task: Any) -> None:
     """Raise a TypeError naming what ``task`` lacks of the :class:`Task` contract."""
     names = [n for n in ("task_name", "metric_group", "evaluation_config", "xai_target_kinds",
-                         "has_pixel_probabilities", "post_fit",
+                         "has_pixel_probabilities", "check_data", "post_fit",
                          "load_post_fit", "evaluate_split", "report_sections", "trust_summary", "fix_xai_target",
                          "explain_target", "explain_outcome", "explain_images", "explain_view", "compare")
              if not hasattr(task, n)]
@@ -303,6 +307,9 @@ class TaskBase(L.LightningModule):
     monitor: str = "val/loss"
 
     # -- contract defaults -------------------------------------------------------------------
+    def check_data(self, datamodule: Any, evaluation: Any = None) -> None:
+        return None
+
     def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any] | None:
         return None
 

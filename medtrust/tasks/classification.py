@@ -262,6 +262,12 @@ class ClassificationTask(TaskBase):
         h, w = images.shape[-2:]
         return {"pred": shown[:, None, None].expand(-1, h, w).numpy(), "captions": caps, "pixel_prob": None}
 
+    def check_data(self, datamodule: Any, evaluation: Any = None) -> None:
+        """Before training: val and the calibration split each hold two classes (else refused, naming the split)."""
+        from medtrust.evaluation.classification import check_training_splits
+
+        check_training_splits(self, datamodule, evaluation)
+
     def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any]:
         """Fit temperatures and the trust-quadrant confidence threshold on the calibration split
         (``cal``, carved from the training patients; val when there is none); ``calibration.json``."""

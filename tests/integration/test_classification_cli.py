@@ -221,3 +221,22 @@ def test_three_class_classifier_end_to_end(tmp_path):
     assert json.loads((ex / "metrics" / "explanations.json").read_text())["target"]["class"] == 2
     proc = refused("explain.py", f"run_dir={run}", "xai.target.class=3")
     assert proc.returncode != 0 and "class index in [0, 3)" in proc.stderr
+
+
+def test_one_class_test_split_and_skipped_files_are_stated(cls_run, tmp_path):
+    """evaluate.py on labelled images of one class: AUROC is undefined and the result says so (not a silent
+    NaN); under data.on_bad=skip the unreadable file is listed in the evaluation's splits/skipped.csv."""
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        write_png(tmp_path / "one" / "images" / "normal" / f"x{i}.png", rng.integers(0, 255, (40, 40), dtype=np.uint8))
+    (tmp_path / "one" / "images" / "normal" / "broken.png").write_bytes(b"")
+    out = tmp_path / "eval"
+    run_script("evaluate.py", f"run_dir={cls_run}", "data=folder", f"data.root={tmp_path / 'one'}", "split=all",
+               "data.source.classes_from_subfolders=true", "data.source.mask_dir=null", "data.on_bad=skip",
+               f"hydra.run.dir={out}")
+    res = json.loads((out / "metrics" / "test.json").read_text())
+    assert res["n_images"] == 6 and res["cls"]["auroc"] is None
+    assert "every image is class 0" in res["undefined"][0] and res["cls"]["accuracy"] is not None
+    skipped = pd.read_csv(out / "splits" / "skipped.csv")
+    assert list(skipped["id"]) == ["images/normal/broken.png"] and "broken.png" in skipped["reason"][0]
+    assert res["data"]["skipped"] == 1

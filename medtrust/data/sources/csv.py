@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from medtrust.data.records import DataError, Record, normalise_split
+from medtrust.data.tables import read_table
 
 
 def record_id(path: str | PurePath, root: str | PurePath) -> str:
@@ -77,6 +78,11 @@ class CsvSource:
         if self.age_bins != sorted(set(self.age_bins)):
             raise ValueError(f"data.source.age_bins={list(age_bins)}; expected ascending, distinct edges")
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.manifest.parent
+
     def describe(self) -> str:
         return f"csv({self.manifest})"
 
@@ -95,10 +101,7 @@ class CsvSource:
     def records(self) -> list[Record]:
         if not self.manifest.is_file():
             raise DataError(f"manifest not found: {self.manifest} (set data.manifest=<path to CSV>)")
-        try:
-            df = pd.read_csv(self.manifest, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            raise DataError(f"{self.manifest}: not a readable CSV ({err})") from err
+        df = read_table(self.manifest, what="manifest")
         self._check_columns(df)
         base = self.manifest.parent
         has = {k: (c is not None and c in df.columns) for k, c in self.cols.items()}

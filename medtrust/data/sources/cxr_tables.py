@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from medtrust.data.records import DataError, Record
+from medtrust.data.tables import read_table
 from medtrust.data.sources.isic import IMAGE_EXTENSIONS
 
 UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
@@ -26,13 +27,24 @@ def age_group(age: str, bins: Sequence[int]) -> str:
     return "unknown"
 
 
+def checked_age_group(cell: str, bins: Sequence[int], where: str, column: str) -> str:
+    """:func:`age_group` of a table cell; a blank cell is ``unknown``, anything else must be an age in years
+    (``67``, ``067Y``) from 0 to 150.
+
+    Raises:
+        DataError: naming the row and column, for a cell that is not an age.
+    """
+    text = str(cell).strip()
+    if not text:
+        return "unknown"
+    group = age_group(text, bins)
+    if group == "unknown" or not 0 <= float(text.rstrip("Y")) < 150:
+        raise DataError(f"{where}: {column}={text!r} is not an age in years (expected e.g. 67 or 067Y, 0-150, or blank)")
+    return group
+
+
 def _read(table: Path, needed: Sequence[str], what: str) -> pd.DataFrame:
-    if not table.is_file():
-        raise DataError(f"{what} table not found: {table}")
-    df = pd.read_csv(table, dtype=str, keep_default_na=False)
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise DataError(f"{table}: missing column(s) {missing}; found {list(df.columns)}")
+    df = read_table(table, needed, f"{what} table")
     if df.empty:
         raise DataError(f"{table}: the table has no rows")
     return df
@@ -60,6 +72,11 @@ class NihChestXray14Source:
         self.finding, self.views, self.age_bins = finding, list(views), list(age_bins)
         self.test_list = Path(str(test_list)).expanduser() if test_list else None
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.image_root
+
     def describe(self) -> str:
         return f"nih_chestxray14({self.table}, finding={self.finding})"
 
@@ -85,7 +102,7 @@ class NihChestXray14Source:
                 "id": Path(name).stem, "path": str(path or self.image_root / name), "mask_path": None,
                 "label": int(self.finding in findings), "patient_id": f"nih_{pid}",
                 "split": None if test is None else ("test" if name in test else None), "where": where,
-                "attrs": {"sex": row["Patient Gender"] or "unknown", "age_group": age_group(row["Patient Age"], self.age_bins),
+                "attrs": {"sex": row["Patient Gender"] or "unknown", "age_group": checked_age_group(row["Patient Age"], self.age_bins, where, "Patient Age"),
                           "view": row["View Position"] or "unknown"},
             }
             if path is None:
@@ -128,6 +145,11 @@ class ChexpertSource:
         self.finding, self.uncertain, self.frontal_only = finding, uncertain, frontal_only
         self.split, self.age_bins = split, list(age_bins)
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.image_root
+
     def describe(self) -> str:
         return f"chexpert({self.table}, finding={self.finding}, uncertain={self.uncertain})"
 
@@ -159,7 +181,7 @@ class ChexpertSource:
             rec: Record = {
                 "id": row["Path"].strip(), "path": str(path), "mask_path": None, "label": int(value),
                 "patient_id": m.group(1) if m else row["Path"], "split": self.split, "where": where,
-                "attrs": {"sex": row["Sex"] or "unknown", "age_group": age_group(row["Age"], self.age_bins)},
+                "attrs": {"sex": row["Sex"] or "unknown", "age_group": checked_age_group(row["Age"], self.age_bins, where, "Age")},
             }
             if not path.exists():
                 rec["error"] = f"{where}: image not found: {path}"

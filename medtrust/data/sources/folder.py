@@ -42,6 +42,11 @@ class FolderSource:
         self.classes_from_subfolders = classes_from_subfolders
         self.require_masks = require_masks
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.root
+
     def describe(self) -> str:
         return f"folder({self.root})"
 

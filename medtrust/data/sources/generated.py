@@ -89,6 +89,11 @@ class GeneratedSource:
         self.reward_column, self.label_column = reward_column, label_column
         self.attr_columns, self.kept_only = attr_columns, bool(kept_only)
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.folder
+
     def describe(self) -> str:
         return f"generated({self.folder})"
 

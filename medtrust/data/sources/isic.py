@@ -47,6 +47,11 @@ class IsicSource:
         self.mask_suffix = mask_suffix
         self.splits = list(splits)
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.root
+
     def describe(self) -> str:
         return f"isic2018({self.root})"
 

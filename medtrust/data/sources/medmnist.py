@@ -1,6 +1,7 @@
 """MedMNIST ``.npz`` files (official key layout ``<split>_images`` / ``<split>_labels``)."""
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,9 @@ class MedMnistSource:
         path: the ``.npz`` file.
         splits: which splits to read; a split whose arrays are absent is skipped unless it is
             listed in ``required``.
-        required: splits that must be present.
+        required: splits that must be present. None by default: a test-only file is evaluated
+            (``evaluate.py data.path=<test.npz>``), and training on a file without ``train_*`` arrays stops
+            at the empty training split, naming this source.
 
     Raises:
         DataError: missing file, missing keys (lists the keys found), image/label count mismatch,
@@ -28,7 +31,7 @@ class MedMnistSource:
     """
 
     def __init__(self, path: str, splits: Sequence[str] = ("train", "val", "test"),
-                 required: Sequence[str] = ("train",)) -> None:
+                 required: Sequence[str] = ()) -> None:
         self.path = Path(str(path)).expanduser().resolve()
         self.splits, self.required = list(splits), list(required)
 
@@ -40,7 +43,7 @@ class MedMnistSource:
             raise DataError(f"MedMNIST file not found: {self.path} (set data.path=<file.npz>)")
         try:
             data = np.load(self.path)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise DataError(f"{self.path}: not a readable .npz ({err})") from err
         keys = list(data.keys())
         out: list[Record] = []
@@ -59,6 +62,8 @@ class MedMnistSource:
                 raise DataError(f"{self.path}: {ik} has dtype {images.dtype}; expected numeric pixels")
             if len(images) != len(labels):
                 raise DataError(f"{self.path}: {ik} has {len(images)} images but {lk} has {len(labels)} labels")
+            if len(images) == 0:  # an empty split: no records (a split the run needs stops as empty, named)
+                continue
             if images.dtype.kind == "f":
                 bad = np.where(~np.isfinite(images.reshape(len(images), -1)).all(1))[0]
                 if len(bad):

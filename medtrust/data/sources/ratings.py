@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from medtrust.data.records import DataError, Record
+from medtrust.data.tables import read_table
 from medtrust.data.sources.csv import record_id
 
 AGGREGATES = ("mean", "median", "each")
@@ -104,6 +105,11 @@ class RatingsSource:
     def num_classes(self) -> int:
         return self.scale[1] - self.scale[0] + 1
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.images
+
     def describe(self) -> str:
         return f"ratings({self.csv}, images={self.images}, aggregate={self.aggregate})"
 
@@ -116,12 +122,7 @@ class RatingsSource:
     def _table(self) -> pd.DataFrame:
         if not self.csv.is_file():
             raise DataError(f"ratings file not found: {self.csv} (set data.ratings=<CSV with path,rating[,rater]>)")
-        try:
-            df = pd.read_csv(self.csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        except pd.errors.EmptyDataError as err:
-            raise DataError(f"{self.csv}: empty file; expected a header path,rating[,rater]") from err
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            raise DataError(f"{self.csv}: not a readable CSV ({err})") from err
+        df = read_table(self.csv, what="ratings file")
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
             raise DataError(f"{self.csv}: missing column(s) {missing}; found {list(df.columns)}; expected "

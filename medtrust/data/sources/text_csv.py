@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from medtrust.data.records import DataError, Record, normalise_split
+from medtrust.data.tables import iter_table
 from medtrust.data.sources.csv import record_id
 
 REQUIRED = ("path", "text", "modal")
@@ -49,19 +50,19 @@ class TextCsvSource:
         self.cols = {"label": label_column, "patient": patient_column, "split": split_column}
         self.chunk_rows = max(1, int(chunk_rows))
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.manifest.parent
+
     def describe(self) -> str:
         return f"text_csv({self.manifest})"
 
     def _chunks(self) -> Iterator[pd.DataFrame]:
         if not self.manifest.is_file():
             raise DataError(f"manifest not found: {self.manifest} (set data.manifest=<CSV with path,text,modal>)")
-        try:
-            yield from pd.read_csv(self.manifest, dtype=str, keep_default_na=False, chunksize=self.chunk_rows,
-                                   encoding="utf-8-sig")
-        except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            raise DataError(f"{self.manifest}: not a readable CSV ({err})") from err
-        except pd.errors.EmptyDataError as err:
-            raise DataError(f"{self.manifest}: the manifest is empty; expected a header path,text,modal") from err
+        yield from iter_table(self.manifest, REQUIRED, "manifest", chunk_rows=self.chunk_rows,
+                              hint="expected path,text,modal (+ optional label, patient_id, split, attributes)")
 
     def records(self) -> list[Record]:
         base = self.manifest.parent

@@ -42,6 +42,11 @@ class VolumeSource:
         self.size = [int(v) for v in image_size]
         self.axis, self.step, self.nifti_ct, self.window = int(axis), int(step), bool(nifti_ct), [float(w) for w in window]
 
+    @property
+    def data_root(self) -> Path:
+        """The folder every file of this source must lie in (unless ``data.allow_outside_root=true``)."""
+        return self.root
+
     def describe(self) -> str:
         return f"volumes({self.root})"
 

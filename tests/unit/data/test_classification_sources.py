@@ -39,8 +39,16 @@ def test_medmnist_reads_official_keys_and_refuses_bad_files(tmp_path):
     p = write_npz(tmp_path / "a.npz", train_images=imgs, train_labels=labels, val_images=imgs[:2], val_labels=labels[:2])
     recs = MedMnistSource(str(p)).records()
     assert len(recs) == 8 and {r["split"] for r in recs} == {"train", "val"}
+    val_only = write_npz(tmp_path / "b.npz", val_images=imgs, val_labels=labels)
     with pytest.raises(DataError, match="missing 'train_images'"):
-        MedMnistSource(str(write_npz(tmp_path / "b.npz", val_images=imgs, val_labels=labels))).records()
+        MedMnistSource(str(val_only), required=["train"]).records()
+    # by default a file without training arrays is read (evaluate.py scores a test-only file); training on it
+    # stops at the empty training split, naming the source
+    assert {r["split"] for r in MedMnistSource(str(val_only)).records()} == {"val"}
+    dm = ImageDataModule(MedMnistSource(str(val_only)), image_size=28, channels=1, require_mask=False)
+    with pytest.raises(DataError, match=r"medmnist\(.*b.npz\): split 'train' is empty"):
+        dm.load_split("train")
+    assert len(dm.load_split("val")[0]) == 6
     bad = imgs.astype(np.float32)
     bad[3, 0, 0] = np.nan
     with pytest.raises(DataError, match=r"train_images\[3\] has NaN/Inf pixels"):

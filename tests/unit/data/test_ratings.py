@@ -113,7 +113,7 @@ def test_missing_or_empty_ratings_file_and_bad_scale(tmp_path):
     with pytest.raises(DataError, match="ratings file not found"):
         RatingsSource(str(tmp_path / "none.csv")).records()
     (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(DataError, match="empty file; expected a header path,rating"):
+    with pytest.raises(DataError, match="the file is empty"):
         RatingsSource(str(tmp_path / "empty.csv")).records()
     with pytest.raises(ValueError, match="lowest < highest"):
         RatingsSource(str(tmp_path / "x.csv"), scale=[3, 1])
