@@ -30,9 +30,12 @@ TINY_MODEL = ["experiment=tiny", "threads=1"]
 TINY = [*TINY_MODEL, "data.source.n_images=40", "data.source.size=32"]  # + a tiny phantom
 
 
-def run_script(script: str, *args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python <script> args...`` from the repository and return the completed process."""
-    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+def run_script(script: str, *args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python <script> args...`` from the repository (``env``: extra environment variables) and return
+    the completed process."""
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0",
+           **(env or {})}
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from medtrust.utils.io import atomic_write_bytes
+from medtrust.utils.io import atomic_write_bytes, load_tensors
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
@@ -254,10 +254,7 @@ class AnomalyStats:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (the anomaly run's statistics of clean real images)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or hostile file
-            raise ValueError(f"{path}: not a readable anomaly_stats.pt ({type(err).__name__}: {err})") from err
+        state = load_tensors(path, "anomaly_stats.pt")
         missing = {"mean", "std", "n_images", "top_k_percent"} - set(state)
         if missing:
             raise ValueError(f"{path}: missing {sorted(missing)}")

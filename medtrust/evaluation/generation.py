@@ -30,7 +30,7 @@ from medtrust.generation.evaluator import (EvaluatorNet, FeatureModule, accuracy
                                           train_evaluator_checked)
 from medtrust.metrics import generation as gm
 from medtrust.tasks.base import EvalResult, RunModel
-from medtrust.utils.io import read_json, write_csv, write_json
+from medtrust.utils.io import load_tensors, read_json, write_csv, write_json
 from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -133,7 +133,7 @@ def load_evaluators(run_dir: Path) -> dict[str, Any] | None:
     if not (folder / "evaluator.json").is_file() or not (folder / "evaluator.pt").is_file():
         return None
     info = read_json(folder / "evaluator.json")
-    state = torch.load(folder / "evaluator.pt", map_location="cpu", weights_only=True)
+    state = load_tensors(folder / "evaluator.pt", "evaluator.pt")
     net = EvaluatorNet(info["heads"], 3, int(info["width"]), int(info.get("head_grid", 1)))
     net.load_state_dict(state["evaluator"])
     align = gm.AlignmentModel(**info.get("alignment_config", {}))

@@ -77,7 +77,7 @@ class TextEncoder(nn.Module):
         where = resolve_text_encoder(str(name))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(where)
-            self.model = AutoModel.from_pretrained(where).eval()
+            self.model = AutoModel.from_pretrained(where, use_safetensors=True).eval()  # never a pickled .bin
         except (OSError, ValueError) as err:
             raise FileNotFoundError(f"model.text_encoder.name={name}: cannot load a text encoder from {where!r} "
                                     f"offline ({type(err).__name__}: {str(err).splitlines()[0]}); give a local "
@@ -221,7 +221,7 @@ def autoencoder_from_folder(path: str) -> nn.Module:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model.vae.path={path}: no diffusers AutoencoderKL folder at {p} "
                                 "(expected config.json and diffusion_pytorch_model.safetensors)")
-    vae = AutoencoderKL.from_pretrained(str(p))
+    vae = AutoencoderKL.from_pretrained(str(p), use_safetensors=True, local_files_only=True)  # never a pickled .bin
     vae.medtrust_source = str(p)  # trained weights: stage 2 needs no model.vae_run
     return vae
 

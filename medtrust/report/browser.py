@@ -48,3 +48,24 @@ def check_report(html_path: str | Path, screenshot: str | Path, timeout: int = 1
     if shot.returncode != 0 or not screenshot.is_file():
         raise RuntimeError(f"chromium screenshot failed: rc {shot.returncode}, {shot.stderr[-500:]}")
     return {"images": int(m_img.group(1)), "broken": int(m_bad.group(1))}
+
+
+def rendered_dom(html_path: str | Path, timeout: int = 120) -> str:
+    """The page's DOM after Chromium loaded it and ran whatever scripts it holds (``--dump-dom``): what a
+    reader's browser would show, attributes set by any script included.
+
+    Raises:
+        FileNotFoundError: no Chromium on this machine.
+        RuntimeError: Chromium failed.
+    """
+    exe = find_chromium()
+    if exe is None:
+        raise FileNotFoundError("no chromium binary found (Debian package 'chromium')")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([exe, *FLAGS, f"--user-data-dir={tmp}/profile", "--virtual-time-budget=10000",
+                               "--dump-dom", Path(html_path).resolve().as_uri()], capture_output=True, text=True,
+                              timeout=timeout)
+    if proc.returncode != 0 or "<html" not in proc.stdout:
+        raise RuntimeError(f"chromium could not load {html_path}: rc {proc.returncode}, {proc.stderr[-500:]}")
+    return proc.stdout
+

@@ -24,8 +24,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """The exceptions that are refusals with a message, not bugs."""
     from omegaconf.errors import ConfigKeyError, ValidationError
 
+    from medtrust.utils.io import DiskFullError
+
     # DataError and RunDirError subclass ValueError
-    return ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConfigKeyError, ValidationError
+    return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConfigKeyError, ValidationError,
+            DiskFullError)
 
 
 def take_verbose(argv: list[str]) -> list[str]:

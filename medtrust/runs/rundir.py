@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from medtrust.utils.io import load_tensors
+
 MARKER = "run.json"
 
 
@@ -148,5 +150,5 @@ def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
 
 def load_weights(module: torch.nn.Module, ckpt_path: str | Path) -> None:
     """Load a checkpoint's ``state_dict`` into ``module`` strictly, with ``weights_only=True``."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_tensors(ckpt_path, "checkpoint")
     module.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt, strict=True)

@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> float | None:
     except Exception as err:
         if _SIGTERM.received:  # the signal came first; this error is its consequence (e.g. a DDP peer gone)
             _interrupted(run_dir, err)
-        write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        _mark_failed(run_dir, err)
         if _in_sweep() and cfg.get("sweep_continue_on_failure", True) and not _optuna_sweep():
             # one failing job must not end a basic-sweeper multirun (Hydra re-raises a job's error
             # after the batch): recorded in status.json and the summary, returned as NaN. The Optuna
@@ -107,6 +107,15 @@ def train(cfg: DictConfig) -> float | None:
 _SIGTERM = SigtermWatch()
 
 
+def _mark_failed(run_dir: Path, err: BaseException) -> None:
+    """``status.json`` = failed with the error, best effort: on a full disk this write may fail too, and the
+    run's own error (what the user must see) is not replaced by it."""
+    try:
+        write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+    except OSError as also:
+        log.error(f"could not record the failure in {run_dir / 'status.json'} ({also})")
+
+
 def _pipeline(cfg: DictConfig, run_dir: Path) -> float | None:
     """A study of several runs (``pipeline`` in the config, e.g. ``experiment=minim_quality``): its stages
     are ordinary runs in sub-folders of this run folder; it writes its own metrics and report."""
@@ -121,7 +130,7 @@ def _pipeline(cfg: DictConfig, run_dir: Path) -> float | None:
         pipeline = instantiate(cfg.pipeline, _convert_="all")  # a target of the project's conf/ tree
         result = pipeline.execute(run_dir)  # runs its stages, writes its metrics and report
     except Exception as err:
-        write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        _mark_failed(run_dir, err)
         raise
     write_json(run_dir / "status.json", {"status": "completed"})
     log.info(f"pipeline folder: {run_dir}  report: {run_dir / 'report' / 'index.html'}")

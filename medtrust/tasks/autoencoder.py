@@ -22,7 +22,7 @@ from medtrust.metrics.stats import bootstrap_mean_ci
 from medtrust.metrics.subgroups import attribute_frame, segmentation_subgroups
 from medtrust.report.trust import report_split, subgroup_line, threshold_line
 from medtrust.tasks.base import EvalResult, ReportSection, RunModel, TaskBase, TrustLine, load_init_weights
-from medtrust.utils.io import read_json, write_csv, write_json
+from medtrust.utils.io import load_tensors, read_json, write_csv, write_json
 
 TEMPLATES = Path(__file__).parent.parent / "report" / "templates"
 STATS_FILE = "vae_stats.json"
@@ -211,7 +211,7 @@ def read_vae_run(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise FileNotFoundError(f"model.vae_run={run_dir}: no {STATS_FILE} in {rd} (expected a finished "
                                 "autoencoder run: python train.py experiment=minim_vae)")
     ckpt = find_checkpoint(rd, "best")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = load_tensors(ckpt, "checkpoint")
     sd = state.get("state_dict", state)
     weights = {k[len("net."):]: v for k, v in sd.items() if k.startswith("net.")}
     if not weights:

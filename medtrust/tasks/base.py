@@ -39,6 +39,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from medtrust.utils.io import load_tensors
 from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -241,9 +242,9 @@ def load_init_weights(module: nn.Module, path: str | Path, key: str = "model.ini
         raise FileNotFoundError(f"{key}: checkpoint not found: {p}")
     else:
         try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle/zip errors differ across torch versions
-            raise ValueError(f"{key}: {p} is not a loadable checkpoint with weights_only=True ({err})") from err
+            ckpt = load_tensors(p, "checkpoint")
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{key}: {p} holds no state_dict")

@@ -44,6 +44,7 @@ from medtrust.generation.sampling import (diffusion_target, sample_latents, samp
                                           training_scheduler)
 from medtrust.nets.diffusion import ConditionEncoder, TextEncoder, add_lora, lora_state_dict
 from medtrust.tasks.base import EvalResult, ReportSection, RunModel, TaskBase, TrustLine, load_init_weights
+from medtrust.utils.io import load_tensors
 from medtrust.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -231,9 +232,9 @@ class GenerationTask(TaskBase):
         if not p.is_file():
             raise FileNotFoundError(f"model.init_from: checkpoint not found: {p}")
         try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle/zip errors differ across torch versions
-            raise ValueError(f"model.init_from: {p} is not a loadable checkpoint with weights_only=True ({err})") from err
+            state = load_tensors(p, "checkpoint")
+        except ValueError as err:
+            raise ValueError(f"model.init_from: {err}") from None
         sd = dict(state.get("state_dict", state))
         ema = {k[len("ema.module."):]: v for k, v in sd.items() if k.startswith("ema.module.")}
         if ema:

@@ -1,12 +1,21 @@
 """Atomic file writes: a reader never sees a half-written file."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+class DiskFullError(OSError):
+    """No space (or quota) left while writing a result: the file named was not written, its previous version
+    (if any) is intact."""
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -18,6 +27,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     Returns:
         The destination path.
+
+    Raises:
+        DiskFullError: the device or quota is full (the temporary file is removed, ``path`` is untouched).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,11 +43,44 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in FULL_ERRNOS:
+            raise DiskFullError(err.errno, f"no space left on the device writing {path} ({len(data)} bytes; "
+                                f"{os.strerror(err.errno)}); its previous version, if any, is intact: free space "
+                                f"(df -h {path.parent}) and run again, or resume a training run") from None
         raise
     return path
+
+
+def load_tensors(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, containers and plain values only. Every file the project
+    loads with torch (checkpoints, anomaly statistics, evaluator weights) goes through here, so a file received
+    from someone else cannot run code, and a bad one is named.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a truncated or corrupt file, or one holding Python objects other than tensors and plain
+            values (a pickle payload is refused before anything in it runs), naming the file.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: refused: this {what} holds Python objects other than tensors and plain values, "
+                         "which loading would have to execute (torch.load weights_only=True); a file from "
+                         f"elsewhere may carry code. ({str(err).splitlines()[0][:300]})") from None
+    except Exception as err:  # noqa: BLE001 - zip / EOF / runtime errors differ across torch versions
+        size = path.stat().st_size
+        raise ValueError(f"{path}: not a readable {what} ({size} bytes; truncated or corrupt?): "
+                         f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}") from None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -10,10 +10,19 @@ from tests.conftest import TINY, run_script
 pytestmark = pytest.mark.integration
 
 
+# what a user's environment holds: none of it may reach a run folder, a log, the W&B files or the report
+SECRETS = {"WANDB_API_KEY": "medtrustfakewandbkey0123456789abcdef0123456789",
+           "HF_TOKEN": "hf_medtrustFakeToken0123456789", "AWS_SECRET_ACCESS_KEY": "medtrust/FakeAwsSecret0123456789"}
+
+
 def test_each_multirun_job_is_its_own_grouped_wandb_run_with_media(tmp_path):
     sweep = tmp_path / "wb"
     run_script("train.py", "-m", *TINY, "trainer.max_epochs=1", "logger=wandb", "loss=dice,tversky",
-               f"hydra.sweep.dir={sweep}")
+               f"hydra.sweep.dir={sweep}", env=SECRETS)
+    files = [p for p in sweep.rglob("*") if p.is_file()]
+    assert len(files) > 50 and any(p.name == "index.html" for p in files) and any(p.suffix == ".log" for p in files)
+    leaked = [(str(p), k) for p in files for k, v in SECRETS.items() if v.encode() in p.read_bytes()]
+    assert not leaked, f"secrets written to the run folder: {leaked}"
     ids = []
     for job in ("0", "1"):
         info = json.loads((sweep / job / "run.json").read_text())
