@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from medtrust.data.duplicates import (DUPLICATE_COLUMNS, DUPLICATE_POLICIES, PixelIndex, check_unique_ids,
                                       describe_groups, pixel_digest)
-from medtrust.data.records import ALL_SPLITS, RESIZE_MODES, DataError, Record, load_record, outside_root
+from medtrust.data.records import (ALL_SPLITS, RESIZE_MODES, DataError, RealPaths, Record, load_record,
+                                   outside_root, peek_record)
 from medtrust.data.splits import check_fractions, make_splits, write_splits
 from medtrust.data.transforms import build_transforms, denormalize
 from medtrust.utils.logging import get_logger
@@ -72,6 +73,47 @@ class CachedImageDataset(Dataset):
         return d
 
 
+class StreamedSplit:
+    """A split's images and masks read from their files each time they are used (``data.cache=false``): memory
+    holds the records, never the pixels. :meth:`views` gives sequences that behave like the cached lists (one
+    decode serves ``images[i]`` and ``masks[i]``)."""
+
+    def __init__(self, records: Sequence[Record], load: Any) -> None:
+        self.records, self._load, self._last = list(records), load, (-1, None)
+
+    def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._last[0] != i:
+            res = self._load(self.records[i])
+            if isinstance(res, DataError):  # its header was fine at setup: the pixels are not
+                raise DataError(f"{res} (data.cache=false reads pixels when they are used; data.cache=true checks "
+                                "every file at setup, where data.on_bad=skip can skip it)")
+            self._last = (i, (torch.from_numpy(res[0]), torch.from_numpy(res[1]) if res[1] is not None else None))
+        return self._last[1]
+
+    def views(self, with_masks: bool) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor | None]]:
+        n = len(self.records)
+        return _StreamView(self.pair, n, 0), (_StreamView(self.pair, n, 1) if with_masks else [None] * n)
+
+
+class _StreamView(Sequence):
+    """Item ``k`` of ``pair(i)`` for i < n. It holds the bound method, not the split: no reference cycle (MONAI's
+    randomizer seeding walks a dataset's attributes recursively)."""
+
+    def __init__(self, pair: Any, n: int, k: int) -> None:
+        self._pair, self._n, self._k = pair, n, k
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + (len(self) if int(i) < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._pair(i)[self._k]
+
+
 class ImageDataModule(L.LightningDataModule):
     """Datamodule over any record source.
 
@@ -114,6 +156,10 @@ class ImageDataModule(L.LightningDataModule):
         train_extra: another source whose records are ADDED to the training split (e.g. synthetic images
             with a label column, to measure whether they help a classifier on real test images); their ids
             and patient ids are prefixed ``extra/`` so they never meet a real patient. None: nothing added.
+        cache: read and check every image once at setup and keep the pixels in memory (fast epochs, every
+            file fully checked). False: stream them from their files when used, keeping only the records (data
+            sets larger than memory); setup checks each file's header, the pixels are checked when read, and
+            the duplicate-pixel check across splits is not made.
         allow_outside_root: read image / mask files outside their source's data root (a manifest's folder, a
             source's ``root``). False: such a record (a ``../`` or absolute path, a symlink out) is a bad sample,
             refused naming its row, or skipped and counted under ``on_bad=skip``.
@@ -150,9 +196,11 @@ class ImageDataModule(L.LightningDataModule):
         train_source: Any = None,
         train_extra: Any = None,
         allow_outside_root: bool = False,
+        cache: bool = True,
     ) -> None:
         super().__init__()
         self.allow_outside_root = bool(allow_outside_root)
+        self.cache = bool(cache)
         self.train_source = train_source
         self.train_extra = train_extra
         size = [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
@@ -265,9 +313,9 @@ class ImageDataModule(L.LightningDataModule):
         root = getattr(source, "data_root", None)
         if root is None or self.allow_outside_root:
             return records
-        out = []
+        out, paths = [], RealPaths()
         for rec in records:
-            why = None if rec.get("error") else outside_root(rec, root)
+            why = None if rec.get("error") else outside_root(rec, root, paths)
             out.append({**rec, "error": why} if why else rec)
         return out
 
@@ -320,8 +368,18 @@ class ImageDataModule(L.LightningDataModule):
             msg = str(err) if not where or str(err).startswith(where) else f"{where}: {err}"
             return DataError(msg)
 
-    def load_split(self, split: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[Record]]:
-        """Read, validate and cache one split; raise or skip bad samples per ``on_bad``.
+    def _peek_one(self, rec: Record) -> tuple[None, None] | DataError:
+        try:
+            self._check_label(rec)
+            peek_record(rec)
+            return None, None
+        except DataError as err:
+            where = rec.get("where")
+            return DataError(str(err) if not where or str(err).startswith(where) else f"{where}: {err}")
+
+    def load_split(self, split: str) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor | None], list[Record]]:
+        """Read, validate and cache one split; raise or skip bad samples per ``on_bad`` (``cache=false``: check
+        the files' headers, and return views that read the pixels when indexed).
 
         Raises:
             DataError: a bad sample (under ``on_bad=error``) or an empty split.
@@ -337,7 +395,7 @@ class ImageDataModule(L.LightningDataModule):
                             "the data or data.splits.fractions must give it at least one image "
                             "(evaluate.py/explain.py: split=all uses every row)")
         with ThreadPoolExecutor(self.load_threads) as pool:
-            results = list(pool.map(self._load_one, recs))
+            results = list(pool.map(self._load_one if self.cache else self._peek_one, recs))
         images, masks, kept = [], [], []
         for rec, res in zip(recs, results):
             if isinstance(res, DataError):
@@ -345,8 +403,9 @@ class ImageDataModule(L.LightningDataModule):
                     raise DataError(f"{res} (set data.on_bad=skip to skip bad samples and report them)")
                 self.skipped.append({"split": split, "id": rec["id"], "reason": str(res)})
                 continue
-            images.append(torch.from_numpy(res[0]))
-            masks.append(torch.from_numpy(res[1]) if res[1] is not None else None)
+            if self.cache:
+                images.append(torch.from_numpy(res[0]))
+                masks.append(torch.from_numpy(res[1]) if res[1] is not None else None)
             kept.append(rec)
         n_bad = len(recs) - len(kept)
         if n_bad:
@@ -354,6 +413,10 @@ class ImageDataModule(L.LightningDataModule):
                         "(listed in splits/skipped.csv of the output folder)")
         if not kept:
             raise DataError(f"split {split!r}: all {len(recs)} samples were bad and skipped")
+        if not self.cache:
+            with_masks = all(r.get("mask_path") or r.get("mask") is not None for r in kept)
+            self._cache[split] = (*StreamedSplit(kept, self._load_one).views(with_masks), kept)
+            return self._cache[split]
         self._check_duplicates(split, images, kept)
         if any(m is None for m in masks):
             masks = [None] * len(masks)  # a batch carries masks only when every sample has one

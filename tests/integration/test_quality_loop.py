@@ -18,7 +18,7 @@ EVAL = ["evaluation.sampling.steps=2", "evaluation.prompts_per_modality=1", "eva
 TINY_SAMPLES = ["callbacks.samples.every_n_epochs=1", "callbacks.samples.steps=2", "callbacks.samples.per_modality=1"]
 SELECTOR = ["trainer.max_epochs=1", "model.mc_samples=2", "data.batch_size=8", "evaluation.bootstrap=20",
             "evaluation.subgroups.bootstrap=0", "evaluation.explanation_stability_samples=0", "evaluation.figures=false",
-            "evaluation.n_failure_cases=0", "data.splits.calibration_fraction=0.2"]
+            "evaluation.n_failure_cases=0", "data.splits.calibration_fraction=0.5"]  # a cal split with two classes
 FINETUNE = ["trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
             "data.batch_size=8", *EVAL, *TINY_SAMPLES]
 

@@ -124,3 +124,19 @@ def test_two_evaluations_of_one_run_at_the_same_moment_never_overwrite(tiny_run)
     new = sorted(set((tiny_run / "evaluations").glob("*")) - before)
     assert len(new) == 2
     assert {json.loads((d / "run.json").read_text())["command"].split("seed=")[-1] for d in new} == {"1", "2"}
+
+
+@pytest.mark.slow
+def test_a_hundred_thousand_images_stream_under_a_small_memory_cap(tmp_path):
+    """100,000 phantom PNGs (96 x 96) read with data.cache=false under a 1.7 GiB RSS cap: the process is killed
+    the moment it exceeds it. Importing torch / Lightning / MONAI alone takes ~1.2 GiB here, so keeping the
+    90,000 training images' pixels (0.77 GiB) would cross the cap; streaming holds only the records.
+    (slow: writing and reading 100,000 files, a few minutes)"""
+    from tests.conftest import run_script_capped
+
+    proc, peak_mb = run_script_capped("experiments/scale.py", "stream", "--n", "100000", "--out",
+                                      str(tmp_path / "stream"), max_rss_mb=1740, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["train_images_read"] > 85_000 and res["rss_after_imports_gib"] + res["cached_pixels_gib"] > 1.7
+    assert peak_mb < 1740

@@ -8,8 +8,8 @@ from pathlib import Path, PurePath
 import numpy as np
 import pandas as pd
 
-from medtrust.data.records import DataError, Record, normalise_split
-from medtrust.data.tables import read_table
+from medtrust.data.records import DataError, RealPaths, Record, normalise_split
+from medtrust.data.tables import iter_table
 
 
 def record_id(path: str | PurePath, root: str | PurePath) -> str:
@@ -18,6 +18,10 @@ def record_id(path: str | PurePath, root: str | PurePath) -> str:
     Relative paths are taken as relative to ``root``; symlinks are not resolved (the id is what
     the data set calls the file). An absolute path outside ``root`` keeps its absolute form.
     """
+    if not os.path.isabs(path):
+        rel = os.path.normpath(path)
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            return PurePath(rel).as_posix()  # inside root: what relpath(join(root, path), root) gives, without it
     full = os.path.normpath(os.path.join(root, path))
     try:
         rel = os.path.relpath(full, os.path.normpath(root))
@@ -99,45 +103,68 @@ class CsvSource:
             )
 
     def records(self) -> list[Record]:
+        """One record per row. The manifest is read in chunks (bounded transient memory) and each file is
+        stat-ed once through a per-folder realpath cache (:class:`~medtrust.data.records.RealPaths`)."""
         if not self.manifest.is_file():
             raise DataError(f"manifest not found: {self.manifest} (set data.manifest=<path to CSV>)")
-        df = read_table(self.manifest, what="manifest")
-        self._check_columns(df)
-        base = self.manifest.parent
-        has = {k: (c is not None and c in df.columns) for k, c in self.cols.items()}
-        labels = self._label_map(df) if has["label"] else None
+        chunks = iter_table(self.manifest, what="manifest")
+        first = next(chunks, None)
+        if first is None:
+            raise DataError(f"{self.manifest}: the manifest has no rows")
+        self._check_columns(first)
+        base = str(self.manifest.parent)
+        has = {k: (c is not None and c in first.columns) for k, c in self.cols.items()}
+        paths = RealPaths()
+        self._attr_dicts: dict[tuple, dict[str, str]] = {}
         out: list[Record] = []
-        for i, row in enumerate(df.to_dict("records")):
-            where = f"{self.manifest} row {i + 2}"  # +1 header, +1 one-based line numbers
-            rel = row[self.cols["path"]].strip()
-            if not rel:
-                raise DataError(f"{where}: empty '{self.cols['path']}' cell; expected an image path")
-            path = (base / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
-            rid = record_id(rel, base)
-            error = None if path.exists() else f"{where}: image file not found: {path}"
-            mask_path = None
-            if has["mask"] and row[self.cols["mask"]].strip():
-                mask_path = (base / row[self.cols["mask"]].strip()).resolve()
-                if error is None and not mask_path.exists():
-                    error = f"{where}: mask file not found: {mask_path} (image {path})"
-            label = None
-            if labels is not None and row[self.cols["label"]].strip():
-                label = labels[row[self.cols["label"]].strip()]
-            split = normalise_split(row[self.cols["split"]], where) if has["split"] else None
-            pid = row[self.cols["patient"]].strip() if has["patient"] else ""
-            if not pid and not has["split"]:
-                raise DataError(f"{where}: no patient id (column {self.cols['patient']!r}) and no split column; "
-                                "patient-level splits need a patient id on every row")
-            out.append({
-                "id": rid, "path": str(path), "mask_path": str(mask_path) if mask_path else None,
-                "label": label, "patient_id": pid or rid, "split": split,
-                "attrs": {**{c: (row[c].strip() or "unknown") for c in self.attr_columns},
-                          **({"age_group": self._age_group(row[self.age_column], where)} if self.age_column else {})},
-                "where": where, **({"error": error} if error else {}),
-            })
+        raw: list[str] = []  # label cells: the map needs every label, applied after the pass
+        i = 0
+        for chunk in (first, *chunks):
+            for row in chunk.itertuples(index=False, name=None):
+                cells = dict(zip(chunk.columns, row))
+                out.append(self._record(cells, i, base, has, paths))
+                if has["label"]:
+                    raw.append(cells[self.cols["label"]].strip())
+                i += 1
         if not out:
             raise DataError(f"{self.manifest}: the manifest has no rows")
+        if has["label"]:
+            labels = self._label_map(raw)
+            for rec, cell in zip(out, raw):
+                rec["label"] = labels[cell] if cell else None
         return out
+
+    def _record(self, row: dict, i: int, base: str, has: dict, paths: RealPaths) -> Record:
+        where = f"{self.manifest} row {i + 2}"  # +1 header, +1 one-based line numbers
+        rel = row[self.cols["path"]].strip()
+        if not rel:
+            raise DataError(f"{where}: empty '{self.cols['path']}' cell; expected an image path")
+        path, exists = paths.real(os.path.join(base, rel))
+        error = None if exists else f"{where}: image file not found: {path}"
+        mask_path = None
+        if has["mask"] and row[self.cols["mask"]].strip():
+            mask_path, mask_exists = paths.real(os.path.join(base, row[self.cols["mask"]].strip()))
+            if error is None and not mask_exists:
+                error = f"{where}: mask file not found: {mask_path} (image {path})"
+        split = normalise_split(row[self.cols["split"]], where) if has["split"] else None
+        pid = row[self.cols["patient"]].strip() if has["patient"] else ""
+        if not pid and not has["split"]:
+            raise DataError(f"{where}: no patient id (column {self.cols['patient']!r}) and no split column; "
+                            "patient-level splits need a patient id on every row")
+        rid = record_id(rel, base)
+        attrs = {**{c: (row[c].strip() or "unknown") for c in self.attr_columns},
+                 **({"age_group": self._age_group(row[self.age_column], where)} if self.age_column else {})}
+        return {
+            "id": rid, "path": path, "mask_path": mask_path,
+            "label": None, "patient_id": pid or rid, "split": split,
+            "attrs": self._shared(attrs), "where": where, **({"error": error} if error else {}),
+        }
+
+    def _shared(self, attrs: dict[str, str]) -> dict[str, str]:
+        """One dict per distinct attribute combination (records never modify their ``attrs``): a million rows of
+        a few groups hold a few dicts, not a million."""
+        key = tuple(attrs.items())
+        return self._attr_dicts.setdefault(key, attrs)
 
     def _age_group(self, cell: str, where: str) -> str:
         from medtrust.data.sources.cxr_tables import age_group
@@ -153,8 +180,9 @@ class CsvSource:
             raise DataError(f"{where}: {self.age_column}={cell!r} is not an age in years (expected 0-150)")
         return age_group(cell, self.age_bins)
 
-    def _label_map(self, df: pd.DataFrame) -> dict[str, int]:
-        values = sorted({v.strip() for v in df[self.cols["label"]] if v.strip()})
+    def _label_map(self, cells: Sequence[str]) -> dict[str, int]:
+        """Label cell -> class index, from every row's (stripped) label cell in row order ("" = no label)."""
+        values = sorted({v for v in cells if v})
         if self.classes:
             unknown = [v for v in values if v not in self.classes]
             if unknown:
@@ -166,8 +194,7 @@ class CsvSource:
             # would silently give "0" another index (e.g. "#" < "0")
             bad = [v for v, x in numeric.items() if x is None or x != int(x)]
             if bad:
-                col = df[self.cols["label"]].str.strip()
-                row = int(col[col.isin(bad)].index[0]) + 2  # + header, 1-based
+                row = next(k for k, v in enumerate(cells) if v in bad) + 2  # + header, 1-based
                 raise DataError(f"{self.manifest}: row {row}: label {bad[0]!r} is not an integer class index, "
                                 f"while other labels are numbers ({len(bad)} such value(s): {bad[:5]}); expected "
                                 "integer labels, or string classes declared with data.source.classes=[...]")
