@@ -12,7 +12,8 @@ Lightning). Steps that need a trained run make it first, at default settings but
   explain_ig    python explain.py run_dir=<train>     (the default GlassBox suite: IG with 4 baselines, SHAP, occlusion,
                 Grad-CAM, Score-CAM, SLIC, stability: an upper bound of IG alone)
   evaluate_1000 python evaluate.py run_dir=<train> data.source.n_images=1000 split=all   (1,000 images)
-  generator     python train.py experiment=minim model.vae_run=<a minim_vae run> trainer.max_steps=20
+  generator     python train.py experiment=minim model.vae_run=<a minim_vae run> trainer.max_epochs=1
+                trainer.limit_train_batches=20 (20 training steps, then the end-of-run evaluation)
   audit_1000    python evaluate.py audit=phantom audit.prompts.per_cell=21 (1,008 generated images + 800 real)
                 with classifier runs of experiment=audit_pneumonia / audit_covid (1 epoch each)
 
@@ -55,8 +56,9 @@ def steps(out: Path) -> dict[str, list[list[str]]]:
         "evaluate_1000": [["evaluate.py", f"run_dir={train}", "data.source.n_images=1000", "split=all",
                            f"hydra.run.dir={out / 'runs' / 'evaluate'}"]],
         "generator": [["train.py", "experiment=minim_vae", "trainer.max_epochs=1", f"hydra.run.dir={vae}"],
-                      ["train.py", "experiment=minim", f"model.vae_run={vae}", "trainer.max_steps=20",
-                       "trainer.check_val_every_n_epoch=1", "test=false", f"hydra.run.dir={out / 'runs' / 'gen'}"]],
+                      ["train.py", "experiment=minim", f"model.vae_run={vae}", "trainer.max_epochs=1",
+                       "trainer.limit_train_batches=20", "trainer.check_val_every_n_epoch=1", "test=false",
+                       f"hydra.run.dir={out / 'runs' / 'gen'}"]],
         "audit_1000": [["train.py", "experiment=audit_pneumonia", "trainer.max_epochs=1", f"hydra.run.dir={pneu}"],
                        ["train.py", "experiment=audit_covid", "trainer.max_epochs=1", f"hydra.run.dir={covid}"],
                        ["evaluate.py", "audit=phantom", "audit.prompts.per_cell=21",
