@@ -281,6 +281,14 @@ def build_scheduler(factory: Callable[..., Any], optimizer: torch.optim.Optimize
         extra["total_steps"] = horizon
     if "T_max" in params and "T_max" not in given:
         extra["T_max"] = horizon
+    if "pct_start" in params and "total_steps" in extra:
+        # OneCycleLR divides by (pct_start * total_steps - 1): a run too short for ~1.5 warm-up steps (e.g.
+        # pct_start 0.05 of 20 steps) would stop with ZeroDivisionError; give it 1.5 warm-up steps instead
+        pct = float(given.get("pct_start", params["pct_start"].default))
+        if pct * horizon - 1 < 0.5:
+            extra["pct_start"] = min(1.5 / horizon, 0.5 if horizon == 1 else 0.75)
+            log.warning(f"OneCycleLR: pct_start={pct} of {horizon} steps is under 1.5 warm-up steps; "
+                        f"using pct_start={extra['pct_start']:.3f} for this short run")
     return factory(optimizer, **extra)
 
 

@@ -111,3 +111,20 @@ def test_tta_averages_flipped_views():
     assert len(tta.tta_views) == 4
     with pytest.raises(ValueError, match="model.tta"):
         make_task(tta=["rot90"])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 20, 40])
+@pytest.mark.parametrize("pct_start", [0.05, 0.1, 0.15])
+def test_one_cycle_survives_runs_too_short_for_its_warm_up(steps, pct_start):
+    """pct_start 0.05 of 20 steps (experiment=minim, trainer.limit_train_batches=20) divided by zero in OneCycleLR."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_scheduler(partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, pct_start=pct_start), opt,
+                            steps, 1, "step")
+    lrs = []
+    for _ in range(steps):
+        opt.step()
+        sched.step() if len(lrs) < steps - 1 else None
+        lrs.append(opt.param_groups[0]["lr"])
+    assert all(0 < lr <= 0.1 + 1e-12 for lr in lrs)
+    if pct_start * steps - 1 >= 0.5:
+        assert sched.total_steps == steps and sched._schedule_phases[0]["end_step"] == pct_start * steps - 1
