@@ -143,14 +143,17 @@ def normalise_split(value: Any, where: str) -> str:
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float images
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    """The decoded image (still in its own mode), or a DataError naming the file."""
+def _open(path: Path, what: str, decode: bool = True) -> Image.Image | tuple[int, int]:
+    """The decoded image (still in its own mode), or with ``decode=False`` only its (W, H) from the header; a
+    DataError naming the file when it is missing, empty, not an image or corrupt."""
     if not path.exists():
         raise DataError(f"{what} not found: {path}")
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{what} file is empty (0 bytes): {path}; expected an image (an interrupted copy or download?)")
     try:
         with Image.open(path) as im:
+            if not decode:
+                return im.size
             im.load()  # decode fully so truncated/corrupt files fail here, not mid-training
             return im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -282,20 +285,8 @@ def peek_record(record: Record) -> None:
         raise DataError(record["error"])
     if "image" in record:
         return
-    sizes = []
-    for key, what in (("path", "image"), ("mask_path", "mask")):
-        if not record.get(key):
-            continue
-        path = Path(record[key])
-        if not path.exists():
-            raise DataError(f"{what} not found: {path}")
-        if path.is_file() and path.stat().st_size == 0:
-            raise DataError(f"{what} file is empty (0 bytes): {path}; expected an image (an interrupted copy or download?)")
-        try:
-            with Image.open(path) as im:
-                sizes.append(im.size)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise DataError(f"{what} is unreadable or corrupt: {path} ({type(err).__name__}: {err})") from err
+    sizes = [_open(Path(record[key]), what, decode=False)
+             for key, what in (("path", "image"), ("mask_path", "mask")) if record.get(key)]
     if len(sizes) == 2 and sizes[0] != sizes[1]:
         raise DataError(f"{record['mask_path']}: mask size {sizes[1][0]}x{sizes[1][1]} (WxH) differs from its image "
                         f"{record['path']} size {sizes[0][0]}x{sizes[0][1]}; expected the same size")
