@@ -330,7 +330,9 @@ class ImageDataModule(L.LightningDataModule):
 
         self.write_skipped(out_dir)
         if rows := self._pixels.rows():
-            pd.DataFrame(rows, columns=DUPLICATE_COLUMNS).to_csv(Path(out_dir) / "duplicates.csv", index=False)
+            from medtrust.utils.io import write_csv
+
+            write_csv(Path(out_dir) / "duplicates.csv", pd.DataFrame(rows, columns=DUPLICATE_COLUMNS))
         return digest
 
     def write_skipped(self, out_dir: str | Path) -> Path | None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from medtrust.data.artifacts import COHORTS, SEVERITIES, inject
 from medtrust.data.phantoms import seeded_rng
-from medtrust.data.records import DataError, Record, load_record
+from medtrust.data.records import DataError, RealPaths, Record, load_record, outside_root
 
 
 class ArtifactSource:
@@ -33,6 +33,8 @@ class ArtifactSource:
         cohorts, severities: what is injected (drawn uniformly per image).
         seed: the injections' seed.
         resize: ``stretch`` or ``pad``, as ``data.resize``.
+        allow_outside_root: read inner files outside the inner source's data root (``data.allow_outside_root``);
+            False: such a file stops with its row named.
 
     Raises:
         ValueError: a fraction outside (0, 1), an unknown cohort or a severity outside 1-5 (naming the key).
@@ -40,7 +42,7 @@ class ArtifactSource:
 
     def __init__(self, inner: Any, image_size: Sequence[int], channels: int = 1, fraction: float = 0.5,
                  cohorts: Sequence[str] = tuple(COHORTS), severities: Sequence[int] = SEVERITIES, seed: int = 0,
-                 resize: str = "stretch") -> None:
+                 resize: str = "stretch", allow_outside_root: bool = False) -> None:
         if not 0 < float(fraction) < 1:
             raise ValueError(f"data.source.fraction={fraction!r}: expected a share in (0, 1)")
         bad = [c for c in cohorts if c not in COHORTS]
@@ -51,6 +53,7 @@ class ArtifactSource:
         self.inner, self.size, self.channels = inner, [int(v) for v in image_size], int(channels)
         self.fraction, self.seed, self.resize = float(fraction), int(seed), str(resize)
         self.cohorts, self.severities = [str(c) for c in cohorts], [int(s) for s in severities]
+        self.allow_outside_root = bool(allow_outside_root)
 
     def describe(self) -> str:
         return (f"artifacts({self.inner.describe()}, fraction={self.fraction}, cohorts={self.cohorts}, "
@@ -58,7 +61,12 @@ class ArtifactSource:
 
     def records(self) -> list[Record]:
         out: list[Record] = []
+        root = None if self.allow_outside_root else getattr(self.inner, "data_root", None)
+        paths = RealPaths()
         for rec in self.inner.records():
+            why = outside_root(rec, root, paths) if root is not None and not rec.get("error") else None
+            if why:  # the inner images are read here, not by the datamodule: the same data-root rule
+                raise DataError(f"{self.describe()}: {why}")
             try:
                 img, _ = load_record(rec, self.size, self.channels, require_mask=False, resize=self.resize)
             except DataError as err:

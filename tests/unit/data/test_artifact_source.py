@@ -64,3 +64,16 @@ def test_the_reference_set_is_the_real_images_of_a_split_capped_and_normalised()
         reference_images(dm, {"count": 3})
     with pytest.raises(ValueError, match="no image of split 'train' with label 7"):
         reference_images(dm, {"split": "train", "label": 7})
+
+
+def test_inner_files_outside_the_data_root_are_refused_unless_allowed(tmp_path):
+    """The artifact source reads its inner source's files itself: the same data-root rule as the datamodule."""
+    from medtrust.data.records import DataError
+    from tests.reliability.matrix import csv_layout, dotdot
+
+    lay = csv_layout(tmp_path / "d")
+    dotdot(lay)  # row 2 now points to ../d_outside/images/x0.png
+    with pytest.raises(DataError, match=r"manifest.csv row 2: image .* outside the data root"):
+        ArtifactSource(lay.source(), image_size=[16, 16], channels=1).records()
+    recs = ArtifactSource(lay.source(), image_size=[16, 16], channels=1, allow_outside_root=True).records()
+    assert len(recs) == 6
