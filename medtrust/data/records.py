@@ -90,13 +90,18 @@ class RealPaths:
     def __init__(self) -> None:
         self._dirs: dict[str, str] = {}
 
-    def real(self, path: str | Path) -> tuple[str, bool]:
-        """(the resolved path, whether it exists)."""
-        d, name = os.path.split(os.fspath(path))
+    def folder(self, d: str | Path) -> str:
+        """``os.path.realpath`` of folder ``d``, resolved once."""
+        d = os.fspath(d)
         rd = self._dirs.get(d)
         if rd is None:
             rd = self._dirs[d] = os.path.realpath(d)
-        full = os.path.join(rd, name)
+        return rd
+
+    def real(self, path: str | Path) -> tuple[str, bool]:
+        """(the resolved path, whether it exists)."""
+        d, name = os.path.split(os.fspath(path))
+        full = os.path.join(self.folder(d), name)
         try:
             st = os.lstat(full)
         except OSError:
@@ -111,7 +116,7 @@ def outside_root(record: Record, root: str | Path, paths: RealPaths | None = Non
     """Why ``record`` reads a file outside the data root ``root`` (a ``../`` path, an absolute path or a symlink
     whose target lies elsewhere, after resolving every link), or None when its image and mask are inside."""
     paths = paths or RealPaths()
-    base = os.path.realpath(root)
+    base = paths.folder(root)  # once per root, not once per record
     for key in ("path", "mask_path"):
         p = record.get(key)
         if not p or (key == "path" and "image" in record):

@@ -106,7 +106,7 @@ def check_classes(labels: Sequence[int], split: str, what: str, source: str) -> 
                         "classes (change data.splits.seed / fractions, or the split column of the manifest)")
 
 
-def check_training_splits(task: Any, datamodule: Any, evaluation: Any = None) -> None:
+def check_training_splits(datamodule: Any, evaluation: Any = None) -> None:
     """Before training: the validation split (its AUROC may choose the checkpoint) and the calibration split
     (temperature, quadrant threshold) each hold two classes, so neither is fitted or chosen on one class."""
     c = evaluation_config("classification", evaluation)

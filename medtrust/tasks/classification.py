@@ -266,7 +266,7 @@ class ClassificationTask(TaskBase):
         """Before training: val and the calibration split each hold two classes (else refused, naming the split)."""
         from medtrust.evaluation.classification import check_training_splits
 
-        check_training_splits(self, datamodule, evaluation)
+        check_training_splits(datamodule, evaluation)
 
     def post_fit(self, datamodule: Any, run_dir: Path, evaluation: Any = None) -> dict[str, Any]:
         """Fit temperatures and the trust-quadrant confidence threshold on the calibration split

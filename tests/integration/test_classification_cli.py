@@ -236,7 +236,9 @@ def test_one_class_test_split_and_skipped_files_are_stated(cls_run, tmp_path):
                f"hydra.run.dir={out}")
     res = json.loads((out / "metrics" / "test.json").read_text())
     assert res["n_images"] == 6 and res["cls"]["auroc"] is None
-    assert "every image is class 0" in res["undefined"][0] and res["cls"]["accuracy"] is not None
+    assert "every image is class 0" in res["undefined"][0]
+    preds = pd.read_csv(out / "test_predictions.csv")  # accuracy is still reported: the share predicted class 0
+    assert res["cls"]["accuracy"] == pytest.approx(float((preds["pred"] == 0).mean()))
     skipped = pd.read_csv(out / "splits" / "skipped.csv")
     assert list(skipped["id"]) == ["images/normal/broken.png"] and "broken.png" in skipped["reason"][0]
     assert res["data"]["skipped"] == 1
